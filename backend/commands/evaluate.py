@@ -1,0 +1,164 @@
+"""`histosam evaluate`: NoC / NoF / SPC / mIoU-per-click of a model or a classical baseline.
+
+Runs the RITM simulated-user protocol (histosam.backend.evaluation) over image/mask folders
+and writes results.json, table.md and miou_per_click.png into ``--out``. ``--backend both``
+runs the PyTorch model and its ONNX bundle in lockstep and adds a parity section.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+LEARNED_BACKENDS = ("torch", "onnx")
+BASELINE_BACKENDS = ("grabcut", "random_walker")
+BACKEND_CHOICES = ("torch", "onnx", "both", *BASELINE_BACKENDS)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="interactive-segmentation metrics (NoC, NoF, SPC, mIoU per click) on image/mask folders",
+        description=(
+            "Simulate a user clicking on the largest error (the RITM protocol) and report "
+            "NoC@80/85/90, NoF@85/90, seconds per click and mIoU per click."
+        ),
+    )
+    p.add_argument("--model", help="registry model name (e.g. lite_medsam) or a bundle folder with manifest.json")
+    p.add_argument(
+        "--backend", nargs="+", choices=BACKEND_CHOICES, default=["onnx"],
+        help="one or more of %(choices)s; 'both' = torch and onnx with a parity report (default: onnx)",
+    )
+    p.add_argument(
+        "--data", type=Path, action="append", required=True,
+        help="folder with images/ and masks/ sharing file stems (repeatable)",
+    )
+    p.add_argument(
+        "--fraction", type=float, nargs=2, metavar=("LO", "HI"),
+        help="keep samples whose foreground fraction is in [LO, HI] (the paper: 0.2 0.8)",
+    )
+    p.add_argument("--max-clicks", type=int, default=20, help="clicks per image (default: %(default)s)")
+    p.add_argument(
+        "--target-iou", type=float, default=0.90,
+        help="stop clicking once IoU reaches this (default: %(default)s, the highest NoC threshold)",
+    )
+    p.add_argument("--full-curve", action="store_true", help="always make --max-clicks clicks (exact mIoU per click)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N kept samples of each --data folder")
+    p.add_argument("--out", type=Path, required=True, help="output folder for results.json, table.md, miou_per_click.png")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def model_label(model: str) -> str:
+    """A short name for run keys: the bundle folder's name, or the model name itself."""
+    path = Path(model)
+    return path.resolve().name if (path / "manifest.json").is_file() else model
+
+
+def load_onnx(model: str):
+    """An OnnxPredictor for a bundle folder, or for a model name (exported on first use)."""
+    from histosam.backend.errors import BundleError
+    from histosam.backend.onnx_predictor import OnnxPredictor
+
+    path = Path(model)
+    if (path / "manifest.json").is_file():
+        return OnnxPredictor.from_bundle(path)
+    if path.is_dir():
+        raise BundleError(f"{path} is a folder but holds no manifest.json")
+    try:
+        from histosam.export.exporter import ensure_bundle
+    except ImportError as exc:
+        raise _needs_torch(model, exc) from exc
+    return OnnxPredictor.from_bundle(ensure_bundle(model))
+
+
+def load_torch(model: str):
+    """A TorchPredictor for a model name or a bundle folder (its source model)."""
+    try:
+        from histosam.training.torch_predictor import TorchPredictor
+    except ImportError as exc:
+        raise _needs_torch(model, exc) from exc
+    return TorchPredictor.from_spec(model)
+
+
+def _needs_torch(model: str, exc: ImportError):
+    from histosam.backend.errors import HistosamError
+
+    return HistosamError(
+        f"{model}: this needs the PyTorch side (pip install 'histosam[torch]'): {exc}"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from histosam.backend.baselines import BASELINES
+    from histosam.backend.errors import InvalidInputError
+    from histosam.backend.evaluation import (
+        EvalConfig,
+        evaluate_pair,
+        evaluate_predictor,
+        parity_summary,
+        select_samples,
+        summarise_run,
+    )
+    from histosam.backend.report import flag_line, render_table, write_report
+
+    backends = list(dict.fromkeys(args.backend))  # unique, order kept
+    if "both" in backends:
+        backends = [b for b in backends if b not in LEARNED_BACKENDS]
+    learned = [b for b in backends if b in (*LEARNED_BACKENDS, "both")]
+    if learned and not args.model:
+        raise InvalidInputError(f"--backend {' '.join(learned)} needs --model NAME_OR_BUNDLE_DIR")
+    config = EvalConfig(args.max_clicks, args.target_iou, args.full_curve)
+    fraction = tuple(args.fraction) if args.fraction else None
+    selection = select_samples(args.data, fraction, args.limit)
+    progress = not args.no_progress
+    samples = selection.samples
+
+    runs: dict[str, dict] = {}
+    parity: dict[str, dict] = {}
+
+    def add_run(key: str, results) -> None:
+        summary = summarise_run(results, config)
+        summary.update(n_kept=selection.n_kept, n_total=selection.n_total)
+        runs[key] = summary
+
+    for backend in backends:
+        if backend in BASELINES:
+            add_run(backend, evaluate_predictor(BASELINES[backend](), samples, config, backend, progress))
+        elif backend == "both":
+            label = model_label(args.model)
+            torch_pred, onnx_pred = load_torch(args.model), load_onnx(args.model)
+            res_t, res_o, diffs = evaluate_pair(torch_pred, onnx_pred, samples, config, f"{label} torch+onnx", progress)
+            add_run(f"{label}/torch", res_t)
+            add_run(f"{label}/onnx", res_o)
+            parity[label] = parity_summary(res_t, res_o, diffs, config, f"{label}/torch", f"{label}/onnx")
+        else:
+            label = model_label(args.model)
+            predictor = load_torch(args.model) if backend == "torch" else load_onnx(args.model)
+            add_run(f"{label}/{backend}", evaluate_predictor(predictor, samples, config, f"{label}/{backend}", progress))
+
+    results = {
+        "config": {
+            "model": args.model,
+            "backends": args.backend,
+            "data": [str(d) for d in args.data],
+            "fraction": list(fraction) if fraction else None,
+            "max_clicks": config.max_clicks,
+            "target_iou": config.target_iou,
+            "full_curve": config.full_curve,
+            "limit": args.limit,
+        },
+        "n": len(samples),
+        "n_kept": selection.n_kept,
+        "n_total": selection.n_total,
+        "n_empty": selection.n_empty,
+        "runs": runs,
+        "parity": parity,
+    }
+    paths = write_report(args.out, results)
+    print(render_table(results), end="")
+    for model, p in parity.items():
+        if p["flagged"]:
+            print(flag_line(model, p))
+    print(f"wrote {paths['results']}, {paths['table']}, {paths['plot']}")
+    return 0

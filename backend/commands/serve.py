@@ -1,0 +1,166 @@
+"""`histosam serve`: the gRPC segmentation server (see histosam.backend.server).
+
+Binds loopback by default and, with no --models, serves the default model (its cached bundle;
+exported on first run where torch is installed). Settings may come from ``--config FILE``
+(YAML, keys = the long option names); flags given on the command line win. SIGTERM or Ctrl-C
+stop it gracefully: health turns NOT_SERVING, running calls get --grace-seconds to finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the gRPC segmentation server",
+        description=__doc__.split("\n\n")[1].replace("\n", " ") if __doc__ else None,
+    )
+    S = argparse.SUPPRESS  # absent flags stay absent, so a config file's values are not overridden
+    p.add_argument("--config", type=Path, default=S, help="YAML file of settings (keys: the long option names)")
+    p.add_argument("--host", default=S, help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=S, help="port (default 50051; 0 picks a free one)")
+    p.add_argument("--models", type=Path, default=S, metavar="DIR",
+                   help="a model bundle, or a folder of bundles (default: the embedded default model)")
+    p.add_argument("--default-model", default=S, metavar="NAME", help="model used when a request names none")
+    p.add_argument("--slide-root", type=Path, action="append", default=S, metavar="DIR",
+                   help="folder whose slides clients may open by path (repeatable; none: slides disabled)")
+    p.add_argument("--token-file", type=Path, default=S, metavar="F",
+                   help="require 'authorization: Bearer TOKEN' with the token in this file")
+    p.add_argument("--tls-cert", type=Path, default=S, metavar="F", help="PEM certificate chain (with --tls-key)")
+    p.add_argument("--tls-key", type=Path, default=S, metavar="F", help="PEM private key (with --tls-cert)")
+    p.add_argument("--threads", type=int, default=S, metavar="N", help="concurrent RPCs (default 8)")
+    p.add_argument("--ort-threads", type=int, default=S, metavar="N",
+                   help="onnxruntime intra-op threads per session (default: onnxruntime's choice)")
+    p.add_argument("--cpu", dest="prefer_gpu", action="store_false", default=S,
+                   help="use the CPU provider even when CUDA is available")
+    p.add_argument("--cache-bytes", type=int, default=S, metavar="N", help="embedding cache budget (default 1 GiB)")
+    p.add_argument("--session-idle-seconds", type=float, default=S, metavar="S",
+                   help="drop sessions idle this long (default 1800)")
+    p.add_argument("--max-sessions", type=int, default=S, metavar="N", help="open sessions kept (default 128)")
+    p.add_argument("--max-pixels", type=int, default=S, metavar="N",
+                   help="largest image or region, in pixels (default 4096*4096)")
+    p.add_argument("--max-message-bytes", type=int, default=S, metavar="N",
+                   help="largest request/response (default 64 MiB)")
+    p.add_argument("--max-points", type=int, default=S, metavar="N", help="points per click (default 100)")
+    p.add_argument("--grace-seconds", type=float, default=S, metavar="S",
+                   help="time running calls get to finish on shutdown (default 5)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(func=run)
+
+
+SETTING_FLAGS = (
+    "host", "port", "models", "default_model", "slide_root", "token_file", "tls_cert", "tls_key", "threads",
+    "ort_threads", "prefer_gpu", "cache_bytes", "session_idle_seconds", "max_sessions", "max_pixels",
+    "max_message_bytes", "max_points", "grace_seconds",
+)
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    import yaml
+
+    from histosam.backend.errors import InvalidInputError, NotFoundError
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise NotFoundError(f"cannot read config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise InvalidInputError(f"config {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"config {path} must be a mapping of settings")
+    base = Path(path).resolve().parent
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        key = str(key).replace("-", "_")
+        # Relative paths in a config file are relative to the file, not to the working directory.
+        if key in ("models", "models_dir", "token_file", "tls_cert", "tls_key") and value is not None:
+            value = base / Path(str(value)).expanduser()
+        elif key in ("slide_root", "slide_roots") and value is not None:
+            values = [value] if isinstance(value, str) else list(value)
+            value = [base / Path(str(v)).expanduser() for v in values]
+        if key == "cpu":
+            key, value = "prefer_gpu", not value
+        out[key] = value
+    return out
+
+
+def settings_from_args(args: argparse.Namespace):
+    from histosam.backend.server import ServerSettings
+
+    merged: dict[str, Any] = {}
+    if getattr(args, "config", None) is not None:
+        merged.update(load_config(args.config))
+    for flag in SETTING_FLAGS:
+        if hasattr(args, flag):
+            merged[flag] = getattr(args, flag)
+    return ServerSettings.from_mapping(merged)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+
+    settings = settings_from_args(args)
+    # Our own handler on the "histosam" logger (not basicConfig): removed again on return, so
+    # running the command in-process (tests, notebooks) leaves the logging setup as it was.
+    logger = logging.getLogger("histosam")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(getattr(logging, args.log_level))
+    try:
+        return _serve(settings)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
+def _serve(settings) -> int:
+    from histosam.backend.server import SegmentationServer
+
+    server = SegmentationServer(settings)
+    stop = threading.Event()
+
+    def request_stop(signum, _frame) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.start()
+        assert server.models is not None
+        secure = "TLS" if settings.tls_cert else "plaintext"
+        auth = "token required" if server.servicer and server.servicer.token_required else "no token"
+        print(f"histosam serve: listening on {server.address} ({secure}, {auth})", flush=True)
+        print(f"histosam serve: models {', '.join(server.models.names)} (default {server.models.default_name}); "
+              f"providers {', '.join(server.providers)}", flush=True)
+        if not _is_loopback(settings.host) and not (settings.tls_cert and server.servicer.token_required):
+            print("histosam serve: warning: listening beyond this machine without TLS and a token",
+                  file=sys.stderr, flush=True)
+        while not stop.wait(0.5):
+            pass
+        print(f"histosam serve: stopping (grace {settings.grace_seconds:g} s)", flush=True)
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print("histosam serve: stopped", flush=True)
+    return 0

@@ -1,0 +1,498 @@
+"""Masks <-> polygons <-> GeoJSON, in one coordinate convention.
+
+Convention (the one QuPath uses): pixel ``(col, row)`` of a mask covers the square
+``[col, col+1) x [row, row+1)``; polygon vertices lie on pixel *corners*, not centres. A mask
+covering a slide region is placed in slide level-0 ("client") coordinates by a frame::
+
+    client = origin + pixel * downsample
+
+so a polygon traced around the pixels of a 256x256 mask of a region read at downsample 4 from
+``(ox, oy)`` lands exactly on that region in QuPath.
+
+Why not the usual ``cv2.findContours`` + ``cv2.fillPoly`` pair: findContours traces pixel
+*centres* (every shape loses half a pixel all round, a 1-pixel speck becomes a point) and
+fillPoly fills boundary pixels inclusively (every shape gains a pixel on its right and bottom),
+so a round trip drifts by a pixel per trip, which ruins small shapes. Here tracing is exact
+(contours of the mask's closed pixel squares sampled on a half-pixel lattice) and filling
+samples pixel centres with the even-odd rule, so mask -> polygons -> mask is the identity when
+no simplification is asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+from histosam.backend.errors import InvalidInputError
+
+DEFAULT_CLASS_NAME = "Tumor"
+DEFAULT_CLASS_COLOR = (200, 0, 0)
+# Masks above this many pixels are refused by mask_to_polygons (the tracing lattice is 4x the
+# mask): a whole level 0 passed by mistake should fail clearly, not exhaust memory.
+MAX_TRACE_PIXELS = 64_000_000
+
+
+@dataclass(frozen=True)
+class PolygonXY:
+    """One polygon with holes. ``exterior``: (K, 2) float x,y; ``holes``: list of (M, 2).
+
+    Rings are open (the first vertex is not repeated at the end).
+    """
+
+    exterior: np.ndarray
+    holes: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def area(self) -> float:
+        """Exterior area minus hole areas (shoelace), in squared coordinate units."""
+        return abs(ring_area(self.exterior)) - sum(abs(ring_area(h)) for h in self.holes)
+
+    def bounds(self) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) of the exterior."""
+        ext = np.asarray(self.exterior, np.float64)
+        return float(ext[:, 0].min()), float(ext[:, 1].min()), float(ext[:, 0].max()), float(ext[:, 1].max())
+
+    def transformed(self, offset: tuple[float, float], scale: float) -> PolygonXY:
+        """``offset + self * scale`` applied to every ring."""
+        o = np.asarray(offset, np.float64)
+        return PolygonXY(
+            exterior=o + np.asarray(self.exterior, np.float64) * scale,
+            holes=[o + np.asarray(h, np.float64) * scale for h in self.holes],
+        )
+
+
+def ring_area(ring: np.ndarray) -> float:
+    """Signed shoelace area of an open ring (positive = clockwise on screen, y down)."""
+    r = np.asarray(ring, np.float64)
+    if len(r) < 3:
+        return 0.0
+    x, y = r[:, 0], r[:, 1]
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+
+
+# --------------------------------------------------------------------------- mask -> polygons
+
+
+def _ring_neighbours(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index of the next and previous point within each ring of concatenated rings."""
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    ends = starts + np.repeat(lengths, lengths)
+    idx = np.arange(int(lengths.sum()))
+    nxt = np.where(idx + 1 < ends, idx + 1, starts)
+    prev = np.where(idx > starts, idx - 1, ends - 1)
+    return nxt, prev
+
+
+def _exact_rings(contours: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Contours traced on the half-pixel lattice -> exact pixel-corner rings, and their areas.
+
+    Lattice point (u, v) is mask coordinate (u/2, v/2): even-even points are pixel corners.
+    Border following cuts concave corners with diagonal steps; each such step is replaced by
+    the two axis-aligned steps through the corner point (the only even-even candidate), so
+    rings follow pixel edges exactly; points inside straight runs are then dropped. All rings
+    are processed in one vectorised pass (noisy masks have thousands of tiny components).
+    """
+    lengths = np.array([len(c) for c in contours], np.int64)
+    pts = np.concatenate([c.reshape(-1, 2) for c in contours]).astype(np.int64)
+    nxt_i, _ = _ring_neighbours(lengths)
+    nxt = pts[nxt_i]
+    diagonal = (np.abs(nxt - pts) == 1).all(axis=1)
+    if diagonal.any():
+        # The corner: from the current point move along x if its x is odd, else along y.
+        corner = pts.copy()
+        x_odd = pts[:, 0] % 2 == 1
+        corner[x_odd, 0] = nxt[x_odd, 0]
+        corner[~x_odd, 1] = nxt[~x_odd, 1]
+        pos = np.arange(len(pts)) + np.concatenate([[0], np.cumsum(diagonal)[:-1]])
+        out = np.empty((len(pts) + int(diagonal.sum()), 2), np.int64)
+        out[pos] = pts
+        out[pos[diagonal] + 1] = corner[diagonal]
+        ring_of = np.repeat(np.arange(len(lengths)), lengths)
+        lengths = lengths + np.bincount(ring_of[diagonal], minlength=len(lengths))
+        pts = out
+    nxt_i, prev_i = _ring_neighbours(lengths)
+    d1, d2 = pts - pts[prev_i], pts[nxt_i] - pts
+    cross = d1[:, 0] * d2[:, 1] - d1[:, 1] * d2[:, 0]
+    keep = ~((cross == 0) & ((d1 * d2).sum(axis=1) >= 0))
+    ring_of = np.repeat(np.arange(len(lengths)), lengths)
+    # Shoelace per ring (lattice units / 4 = mask pixels).
+    terms = (pts[:, 0] * pts[nxt_i, 1] - pts[nxt_i, 0] * pts[:, 1]).astype(np.float64)
+    areas = np.bincount(ring_of, weights=terms, minlength=len(lengths)) / 8.0
+    kept_counts = np.bincount(ring_of[keep], minlength=len(lengths))
+    rings = np.split(pts[keep].astype(np.float64) / 2.0, np.cumsum(kept_counts)[:-1])
+    return rings, areas
+
+
+def _simplify(ring: np.ndarray, tolerance: float) -> np.ndarray:
+    if tolerance <= 0 or len(ring) <= 4:
+        return ring
+    approx = cv2.approxPolyDP(ring.astype(np.float32).reshape(-1, 1, 2), tolerance, True)
+    return approx.reshape(-1, 2).astype(np.float64)
+
+
+def mask_to_polygons(
+    mask: np.ndarray,
+    origin: tuple[float, float] = (0.0, 0.0),
+    downsample: float = 1.0,
+    simplify_tolerance: float = 0.0,
+    min_area: float = 0.0,
+) -> list[PolygonXY]:
+    """Every connected component of ``mask`` as a polygon with holes, in client coordinates.
+
+    Args:
+        mask: HxW, non-zero = foreground (bool or any integer type).
+        origin: client coordinates (x, y) of the mask's top-left pixel corner.
+        downsample: client units per mask pixel (``client = origin + pixel * downsample``).
+        simplify_tolerance: Douglas-Peucker tolerance in *mask pixels*; 0 (default) keeps the
+            exact pixel outline (a round trip through ``polygons_to_mask`` gives the mask back).
+        min_area: in *mask pixels* (pixel count), default 0 (keep everything). Components
+            smaller than this are dropped and holes smaller than this are filled, which
+            removes specks a model leaves around a prediction.
+
+    Returns:
+        One ``PolygonXY`` per 8-connected foreground component (holes are 4-connected
+        background), largest first. An island inside a hole is its own polygon.
+    """
+    m = np.asarray(mask)
+    if m.ndim != 2:
+        raise InvalidInputError(f"mask must be 2-D, got shape {m.shape}")
+    if m.size > MAX_TRACE_PIXELS:
+        raise InvalidInputError(
+            f"mask of {m.shape[1]}x{m.shape[0]} pixels is too large to trace "
+            f"(limit {MAX_TRACE_PIXELS} pixels): trace it at a larger downsample"
+        )
+    if not (math.isfinite(downsample) and downsample > 0):
+        raise InvalidInputError(f"downsample must be a positive number, got {downsample}")
+    h, w = m.shape
+    if h == 0 or w == 0 or not m.any():
+        return []
+    # Closed pixel squares sampled on the half-pixel lattice: pixel centres at odd indices,
+    # corners at even ones; the lattice's border pixels are exactly the mask's pixel edges.
+    lattice = np.zeros((2 * h + 1, 2 * w + 1), np.uint8)
+    lattice[1::2, 1::2] = m != 0
+    lattice = cv2.dilate(lattice, np.ones((3, 3), np.uint8))
+    contours, hierarchy = cv2.findContours(lattice, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+    if hierarchy is None:
+        return []
+    hier = hierarchy[0]
+    holes_of: dict[int, list[int]] = {}
+    outers: list[int] = []
+    for i, (_, _, _, parent) in enumerate(hier):
+        if parent < 0:
+            outers.append(i)
+        else:
+            holes_of.setdefault(int(parent), []).append(i)
+
+    rings, signed = _exact_rings(contours)
+    areas = np.abs(signed)
+    polygons: list[tuple[float, PolygonXY]] = []
+    for i in outers:
+        area = float(areas[i])
+        holes = []
+        for j in holes_of.get(i, []):
+            area -= float(areas[j])
+            if areas[j] >= min_area:
+                holes.append(rings[j])
+        if area < min_area or area <= 0:
+            continue
+        exterior = _simplify(rings[i], simplify_tolerance)
+        if len(exterior) < 3:
+            continue
+        holes = [s for s in (_simplify(hh, simplify_tolerance) for hh in holes) if len(s) >= 3]
+        poly = PolygonXY(exterior=exterior, holes=holes).transformed(origin, downsample)
+        polygons.append((area, poly))
+    polygons.sort(key=lambda t: -t[0])
+    return [p for _, p in polygons]
+
+
+# --------------------------------------------------------------------------- polygons -> mask
+
+
+def _crossings(
+    rings: Sequence[np.ndarray], owners: Sequence[int], height: int, width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where ring edges cross pixel-centre rows: (rows, cols, owner polygon) per crossing.
+
+    An edge crosses row r when its y-span contains r + 0.5 (half-open, so a vertex exactly on
+    a centre line counts once); ``cols`` is the first pixel whose centre lies at or right of
+    the crossing, clipped to [0, width]. All rings are handled in one vectorised pass.
+    """
+    lengths = np.array([len(r) for r in rings], np.int64)
+    p0 = np.concatenate([np.asarray(r, np.float64)[:, :2] for r in rings])
+    ring_start = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    idx = np.arange(len(p0))
+    nxt = np.where(idx + 1 < ring_start + np.repeat(lengths, lengths), idx + 1, ring_start)
+    p1 = p0[nxt]
+    owner = np.repeat(np.asarray(owners, np.int64), lengths)
+    y0, y1, x0, x1 = p0[:, 1], p1[:, 1], p0[:, 0], p1[:, 0]
+    row_start = np.clip(np.ceil(np.minimum(y0, y1) - 0.5), 0, height)
+    row_stop = np.clip(np.ceil(np.maximum(y0, y1) - 0.5), 0, height)
+    counts = np.maximum(row_stop - row_start, 0).astype(np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        empty = np.empty(0, np.int64)
+        return empty, empty, empty
+    edge = np.repeat(np.arange(len(p0)), counts)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    rows = row_start[edge].astype(np.int64) + (np.arange(total) - first)
+    t = (rows + 0.5 - y0[edge]) / (y1[edge] - y0[edge])
+    xs = x0[edge] + t * (x1[edge] - x0[edge])
+    cols = np.clip(np.ceil(xs - 0.5), 0, width).astype(np.int64)
+    return rows, cols, owner[edge]
+
+
+def _fill(polygons: Sequence[PolygonXY], height: int, width: int) -> np.ndarray:
+    """Union over polygons of the pixels whose centre is inside (even-odd within a polygon).
+
+    Per row and polygon, sorted crossings pair up into spans [c_2k, c_2k+1) (the even-odd
+    rule, so holes are holes whatever their orientation); spans of all polygons are OR-ed, so
+    overlapping annotations add up and one polygon's hole never erases another polygon.
+    """
+    rings, owners = [], []
+    for i, poly in enumerate(polygons):
+        for ring in [poly.exterior, *poly.holes]:
+            if len(ring) >= 3:
+                rings.append(ring)
+                owners.append(i)
+    if not rings or height <= 0 or width <= 0:
+        return np.zeros((max(height, 0), max(width, 0)), bool)
+    rows, cols, owner = _crossings(rings, owners, height, width)
+    order = np.lexsort((cols, owner, rows))
+    rows, cols = rows[order], cols[order]
+    # Every (row, polygon) group has an even count (closed rings), so global pairs are spans.
+    starts, stops, span_rows = cols[0::2], cols[1::2], rows[0::2]
+    diff = np.zeros((height, width + 1), np.int32)
+    np.add.at(diff, (span_rows, starts), 1)
+    np.add.at(diff, (span_rows, stops), -1)
+    return np.cumsum(diff[:, :width], axis=1) > 0
+
+
+def fill_polygon(polygon: PolygonXY, height: int, width: int) -> np.ndarray:
+    """Pixels of an HxW mask whose centre lies inside ``polygon`` (mask-pixel coordinates)."""
+    return _fill([polygon], height, width)
+
+
+def polygons_to_mask(
+    polygons: Iterable[PolygonXY],
+    shape: tuple[int, int],
+    origin: tuple[float, float] = (0.0, 0.0),
+    downsample: float = 1.0,
+) -> np.ndarray:
+    """Rasterise client-coordinate polygons into an HxW bool mask placed by the frame.
+
+    The inverse of ``mask_to_polygons``: a pixel is inside when its centre is inside a
+    polygon (even-odd over the polygon's rings); polygons partly outside are clipped.
+    """
+    if not (math.isfinite(downsample) and downsample > 0):
+        raise InvalidInputError(f"downsample must be a positive number, got {downsample}")
+    height, width = int(shape[0]), int(shape[1])
+    o = np.asarray(origin, np.float64)
+    local = [
+        PolygonXY(
+            exterior=(np.asarray(p.exterior, np.float64)[:, :2] - o) / downsample,
+            holes=[(np.asarray(h, np.float64)[:, :2] - o) / downsample for h in p.holes],
+        )
+        for p in polygons
+        if len(p.exterior) >= 3
+    ]
+    return _fill(local, height, width)
+
+
+# --------------------------------------------------------------------------- GeoJSON
+
+
+def _closed(ring: np.ndarray) -> list[list[float]]:
+    pts = [[round(float(x), 4), round(float(y), 4)] for x, y in np.asarray(ring)]
+    if pts and pts[0] != pts[-1]:
+        pts.append(list(pts[0]))
+    return pts
+
+
+def polygon_geometry(polygons: Sequence[PolygonXY]) -> dict[str, Any]:
+    """A GeoJSON Polygon (one polygon) or MultiPolygon geometry; rings are closed."""
+    rings = [[_closed(p.exterior), *[_closed(h) for h in p.holes]] for p in polygons]
+    if len(rings) == 1:
+        return {"type": "Polygon", "coordinates": rings[0]}
+    return {"type": "MultiPolygon", "coordinates": rings}
+
+
+def annotation_feature(
+    polygons: Sequence[PolygonXY],
+    *,
+    class_name: str = DEFAULT_CLASS_NAME,
+    color: tuple[int, int, int] = DEFAULT_CLASS_COLOR,
+    name: str | None = None,
+    measurements: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """One QuPath annotation: a Feature whose geometry holds all ``polygons``."""
+    if not polygons:
+        raise InvalidInputError("an annotation needs at least one polygon")
+    properties: dict[str, Any] = {
+        "objectType": "annotation",
+        "classification": {"name": class_name, "color": [int(c) for c in color]},
+    }
+    if name is not None:
+        properties["name"] = name
+    if measurements:
+        properties["measurements"] = {k: float(v) for k, v in measurements.items()}
+    return {"type": "Feature", "geometry": polygon_geometry(polygons), "properties": properties}
+
+
+def feature_collection(features: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    return {"type": "FeatureCollection", "features": list(features)}
+
+
+def mask_to_geojson(
+    mask: np.ndarray,
+    *,
+    origin: tuple[float, float] = (0.0, 0.0),
+    downsample: float = 1.0,
+    class_name: str = DEFAULT_CLASS_NAME,
+    color: tuple[int, int, int] = DEFAULT_CLASS_COLOR,
+    name: str | None = None,
+    predicted_iou: float | None = None,
+    simplify_tolerance: float = 0.0,
+    min_area: float = 0.0,
+    merge: bool = True,
+) -> dict[str, Any]:
+    """A mask as a FeatureCollection QuPath imports as annotations (File > Import objects).
+
+    ``merge=True`` gives one annotation (MultiPolygon when several components), the way a
+    pathologist thinks of one click-segmented region; ``merge=False`` one per component.
+    An empty mask gives an empty collection.
+    """
+    polygons = mask_to_polygons(
+        mask, origin=origin, downsample=downsample, simplify_tolerance=simplify_tolerance, min_area=min_area
+    )
+    measurements = None if predicted_iou is None else {"predicted IoU": float(predicted_iou)}
+    groups = [polygons] if merge else [[p] for p in polygons]
+    return feature_collection(
+        annotation_feature(g, class_name=class_name, color=color, name=name, measurements=measurements)
+        for g in groups
+        if g
+    )
+
+
+@dataclass(frozen=True)
+class ClassifiedPolygon:
+    """A polygon read from GeoJSON with its classification name (``Unclassified`` if none)."""
+
+    class_name: str
+    polygon: PolygonXY
+
+
+UNCLASSIFIED = "Unclassified"
+# QuPath exports these with annotations when "export all objects" is chosen; they are cell or
+# tile outlines, not regions anyone drew, so they never become part of a region mask.
+NON_REGION_OBJECT_TYPES = frozenset({"detection", "cell", "tile"})
+
+
+def _ring_array(coords: Any, where: str) -> np.ndarray:
+    try:
+        arr = np.asarray(coords, np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{where}: coordinates are not numbers") from exc
+    if arr.ndim != 2 or arr.shape[1] < 2:
+        raise InvalidInputError(f"{where}: a ring must be a list of [x, y] pairs")
+    arr = arr[:, :2]
+    if not np.isfinite(arr).all():
+        raise InvalidInputError(f"{where}: coordinates must be finite")
+    if len(arr) > 1 and (arr[0] == arr[-1]).all():
+        arr = arr[:-1]
+    return arr
+
+
+def _polygon_from_rings(rings: Any, where: str) -> PolygonXY | None:
+    if not isinstance(rings, list) or not rings:
+        raise InvalidInputError(f"{where}: a Polygon needs a list of rings")
+    exterior = _ring_array(rings[0], where)
+    if len(exterior) < 3:
+        return None
+    holes = [r for r in (_ring_array(r, where) for r in rings[1:]) if len(r) >= 3]
+    return PolygonXY(exterior=exterior, holes=holes)
+
+
+def geometry_polygons(geometry: Mapping[str, Any] | None, where: str = "geometry") -> list[PolygonXY]:
+    """Polygons of a GeoJSON geometry; points and lines (no area) give none."""
+    if geometry is None:
+        return []
+    if not isinstance(geometry, Mapping) or "type" not in geometry:
+        raise InvalidInputError(f"{where}: not a GeoJSON geometry")
+    kind = geometry["type"]
+    if kind == "Polygon":
+        poly = _polygon_from_rings(geometry.get("coordinates"), where)
+        return [poly] if poly is not None else []
+    if kind == "MultiPolygon":
+        parts = geometry.get("coordinates")
+        if not isinstance(parts, list):
+            raise InvalidInputError(f"{where}: MultiPolygon coordinates must be a list")
+        return [p for p in (_polygon_from_rings(r, where) for r in parts) if p is not None]
+    if kind == "GeometryCollection":
+        return [p for g in geometry.get("geometries", []) for p in geometry_polygons(g, where)]
+    if kind in ("Point", "MultiPoint", "LineString", "MultiLineString"):
+        return []
+    raise InvalidInputError(f"{where}: unknown geometry type {kind!r}")
+
+
+def _class_name(properties: Mapping[str, Any]) -> str:
+    cls = properties.get("classification")
+    if isinstance(cls, Mapping):
+        name = cls.get("name")
+        if name is None and isinstance(cls.get("names"), list):  # QuPath derived classes
+            name = ": ".join(str(n) for n in cls["names"])
+        if name:
+            return str(name)
+    elif isinstance(cls, str) and cls:
+        return cls
+    return UNCLASSIFIED
+
+
+def _features(obj: Any) -> Iterator[Mapping[str, Any]]:
+    if isinstance(obj, list):
+        for item in obj:
+            yield from _features(item)
+        return
+    if not isinstance(obj, Mapping) or "type" not in obj:
+        raise InvalidInputError("not GeoJSON: expected a FeatureCollection, a Feature or a list of Features")
+    if obj["type"] == "FeatureCollection":
+        features = obj.get("features")
+        if not isinstance(features, list):
+            raise InvalidInputError("FeatureCollection without a 'features' list")
+        yield from _features(features)
+    elif obj["type"] == "Feature":
+        yield obj
+    else:  # a bare geometry
+        yield {"type": "Feature", "geometry": obj, "properties": {}}
+
+
+def geojson_to_polygons(obj: Any) -> list[ClassifiedPolygon]:
+    """Region polygons of parsed GeoJSON (FeatureCollection, Feature, list, or geometry)."""
+    out: list[ClassifiedPolygon] = []
+    for i, feature in enumerate(_features(obj)):
+        properties = feature.get("properties") or {}
+        if not isinstance(properties, Mapping):
+            raise InvalidInputError(f"feature {i}: 'properties' must be an object")
+        if str(properties.get("objectType", "annotation")).lower() in NON_REGION_OBJECT_TYPES:
+            continue
+        name = _class_name(properties)
+        for poly in geometry_polygons(feature.get("geometry"), f"feature {i}"):
+            out.append(ClassifiedPolygon(name, poly))
+    return out
+
+
+def geojson_to_mask(
+    obj: Any,
+    shape: tuple[int, int],
+    origin: tuple[float, float] = (0.0, 0.0),
+    downsample: float = 1.0,
+    classes: Iterable[str] | None = None,
+) -> np.ndarray:
+    """GeoJSON back to a mask in a frame; ``classes`` (None = all) selects classifications."""
+    wanted = None if classes is None else set(classes)
+    polys = [c.polygon for c in geojson_to_polygons(obj) if wanted is None or c.class_name in wanted]
+    return polygons_to_mask(polys, shape, origin=origin, downsample=downsample)

@@ -1,0 +1,210 @@
+"""Where an OpenImage request's pixels come from: encoded bytes or a slide region.
+
+Each source has two steps, so a cache hit costs neither decoding nor reading: a *signature*
+(cheap: a content hash, or slide path + mtime + size + region) that keys the embedding cache,
+and the pixels themselves (RGB uint8), produced only on a miss.
+
+Untrusted input is checked before any large allocation: an encoded image's width and height
+come from its header (PIL reads them lazily, without decoding) and are compared with the
+pixel limit first, which defuses decompression bombs; a slide region's output size is
+computed from its numbers before OpenSlide reads anything. Slide paths must resolve (symlinks
+followed, ``..`` collapsed) inside one of the configured slide roots.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from histosam.backend.errors import (
+    InvalidInputError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceLimitError,
+)
+
+# What OpenImage accepts; other PIL formats (and their parsers) are refused outright.
+ALLOWED_FORMATS = ("PNG", "JPEG", "TIFF")
+
+
+def content_signature(data: bytes) -> str:
+    return "bytes:" + hashlib.sha256(data).hexdigest()
+
+
+def _open_header(data: bytes, what: str):
+    """PIL image with only its header read; InvalidInputError when it is not PNG/JPEG/TIFF."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise InvalidInputError(f"{what} is empty")
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit is checked right after; PIL's global one is not ours to apply.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
+    except Image.DecompressionBombError as exc:
+        raise ResourceLimitError(f"{what} is too large to decode: {exc}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise InvalidInputError(f"{what} cannot be decoded as PNG, JPEG or TIFF ({type(exc).__name__})") from None
+
+
+def image_size(data: bytes, what: str = "image") -> tuple[int, int]:
+    """(width, height) from the header alone."""
+    return tuple(_open_header(data, what).size)  # type: ignore[return-value]
+
+
+def decode_image(data: bytes, max_pixels: int, what: str = "image") -> np.ndarray:
+    """PNG/JPEG/TIFF bytes -> RGB uint8 (H, W, 3), refusing > ``max_pixels`` before decoding.
+
+    Grey images are replicated to RGB, alpha is composited on white (transparent = glass),
+    16-bit images keep their top 8 bits.
+    """
+    from PIL import Image
+
+    img = _open_header(data, what)
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ResourceLimitError(
+            f"{what} of {width}x{height} = {width * height} pixels exceeds the server's limit of "
+            f"{max_pixels} pixels: send a smaller region or a larger downsample"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
+            return _to_rgb(img)
+    except Image.DecompressionBombError as exc:
+        raise ResourceLimitError(f"{what} is too large to decode: {exc}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise InvalidInputError(f"{what} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+
+
+def _to_rgb(img) -> np.ndarray:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        arr = (np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(arr[..., None], 3, axis=2))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = np.asarray(img.convert("RGBA"), np.float32)
+        alpha = rgba[..., 3:4] / 255.0
+        rgb = rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)
+        return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(np.asarray(img.convert("RGB"), np.uint8))
+
+
+def decode_mask_png(data: bytes, height: int, width: int) -> np.ndarray:
+    """A mask prompt PNG (non-zero = inside) -> (H, W) bool; it must be image-sized."""
+    w, h = image_size(data, "mask_prompt_png")
+    if (w, h) != (width, height):
+        raise InvalidInputError(f"mask_prompt_png is {w}x{h} but the image is {width}x{height}")
+    rgb_or_grey = decode_image(data, width * height, "mask_prompt_png")
+    return rgb_or_grey.max(axis=2) > 0
+
+
+# --------------------------------------------------------------------------- slide regions
+
+
+@dataclass(frozen=True)
+class Region:
+    """A validated slide region: level-0 rectangle, downsample and output size."""
+
+    path: Path  # resolved, inside a slide root
+    x: float
+    y: float
+    width: float
+    height: float
+    downsample: float
+    mtime_ns: int
+    size: int
+
+    @property
+    def out_width(self) -> int:
+        return max(1, round(self.width / self.downsample))
+
+    @property
+    def out_height(self) -> int:
+        return max(1, round(self.height / self.downsample))
+
+    @property
+    def signature(self) -> str:
+        return "slide:" + "|".join(
+            str(v) for v in (self.path, self.mtime_ns, self.size, repr(self.x), repr(self.y),
+                             repr(self.width), repr(self.height), repr(self.downsample))
+        )
+
+
+def resolve_slide_path(slide_path: str, roots: Sequence[Path]) -> Path:
+    """The real path of ``slide_path`` if it lies inside a root; PERMISSION_DENIED otherwise.
+
+    Relative paths are looked up under each root in turn. Symlinks are resolved before the
+    check, so neither ``..`` nor a link inside a root can reach a file outside it.
+    """
+    if not slide_path:
+        raise InvalidInputError("slide_region.slide_path is empty")
+    if "\x00" in slide_path:
+        raise InvalidInputError("slide_region.slide_path contains a NUL byte")
+    if not roots:
+        raise PermissionDeniedError("this server reads no slides: start it with --slide-root DIR")
+    real_roots = [Path(r).resolve() for r in roots]
+    given = Path(slide_path)
+    candidates = [given] if given.is_absolute() else [root / given for root in real_roots]
+    for candidate in candidates:
+        real = candidate.resolve()  # follows symlinks, collapses ..
+        if not any(real.is_relative_to(root) for root in real_roots):
+            raise PermissionDeniedError(f"slide {slide_path!r} is outside the server's slide roots")
+        if real.is_file():
+            return real
+    raise NotFoundError(f"slide {slide_path!r} does not exist under the server's slide roots")
+
+
+def make_region(
+    slide_path: str,
+    x: float,
+    y: float,
+    width: float,
+    height: float,
+    downsample: float,
+    roots: Sequence[Path],
+    max_pixels: int,
+) -> Region:
+    """Validate a region request (numbers, permission, size) without reading pixels."""
+    downsample = downsample or 1.0  # proto3 unset = 0 means 1
+    values = {"x": x, "y": y, "width": width, "height": height, "downsample": downsample}
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise InvalidInputError(f"slide_region.{name} is not a finite number")
+    for name in ("width", "height", "downsample"):
+        if values[name] <= 0:
+            raise InvalidInputError(f"slide_region.{name} must be positive, got {values[name]:g}")
+    if x < 0 or y < 0:
+        raise InvalidInputError(f"slide_region origin ({x:g}, {y:g}) is outside the slide")
+    path = resolve_slide_path(slide_path, roots)
+    stat = path.stat()
+    region = Region(path, float(x), float(y), float(width), float(height), float(downsample),
+                    stat.st_mtime_ns, stat.st_size)
+    pixels = region.out_width * region.out_height
+    if pixels > max_pixels:
+        raise ResourceLimitError(
+            f"slide region of {region.out_width}x{region.out_height} = {pixels} pixels exceeds the "
+            f"server's limit of {max_pixels} pixels: use a larger downsample or a smaller region"
+        )
+    return region
+
+
+def read_region(region: Region) -> np.ndarray:
+    """RGB uint8 of the region (OpenSlide via histosam.backend.slides); refuses regions off the slide."""
+    from histosam.backend.slides import open_slide
+
+    with open_slide(region.path) as slide:
+        w0, h0 = slide.dimensions
+        if region.x >= w0 or region.y >= h0:
+            raise InvalidInputError(
+                f"slide region origin ({region.x:g}, {region.y:g}) is outside the {w0}x{h0} slide"
+            )
+        return slide.read_scaled(region.x, region.y, region.out_width, region.out_height, region.downsample)

@@ -1,0 +1,173 @@
+"""The server's model store: verified bundles, one shared encoder/decoder pair per model.
+
+onnxruntime sessions are thread-safe and expensive (graph optimisation, weights in memory), so
+each model gets exactly one ``OnnxEncoder`` and one ``OnnxDecoder`` that every request shares.
+Bundles are verified (sha256 of every file) when the store is built, so a corrupt copy stops
+the server at start instead of serving wrong masks.
+
+The default model needs no flag: ``histosam export`` / ``ensure_bundle("default")`` caches its
+bundle under ``$HISTOSAM_HOME/bundles`` (or ``$XDG_CACHE_HOME/histosam/bundles``), and the
+server reads it from there *without torch*; only when the cache holds none does it import the
+torch-based exporter to build one (which needs the ``torch`` extra).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from histosam.backend.bundle import MANIFEST, Bundle, load_bundle
+from histosam.backend.errors import BundleError, NotFoundError
+from histosam.backend.onnx_predictor import OnnxDecoder, OnnxEncoder, available_providers
+from histosam.backend.transforms import ImageTransform
+
+log = logging.getLogger("histosam.server")
+
+# ensure_bundle("default") writes "<cache>/default-<key>"; the key hashes the source weights.
+DEFAULT_BUNDLE_PREFIX = "default-"
+
+
+def bundle_cache_dir() -> Path:
+    """Where exported bundles are cached; the same rule as histosam.export.exporter (torch-free)."""
+    base = os.environ.get("HISTOSAM_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "histosam"
+    )
+    return Path(base) / "bundles"
+
+
+def cached_default_bundle(cache_dir: Path | None = None) -> Path | None:
+    """The newest cached ``default-*`` bundle, or None.
+
+    The cache key hashes the weights, which only the torch side can compute; several entries
+    mean the default weights changed, and the newest export is the current one.
+    """
+    root = Path(cache_dir) if cache_dir is not None else bundle_cache_dir()
+    if not root.is_dir():
+        return None
+    found = [p for p in root.glob(f"{DEFAULT_BUNDLE_PREFIX}*") if (p / MANIFEST).is_file()]
+    if not found:
+        return None
+    return max(found, key=lambda p: (p / MANIFEST).stat().st_mtime)
+
+
+def default_bundle_path(cache_dir: Path | None = None) -> Path:
+    """The default model's bundle: from the cache, else exported now (needs torch)."""
+    cached = cached_default_bundle(cache_dir)
+    if cached is not None:
+        return cached
+    try:
+        from histosam.export.exporter import ensure_bundle  # imports torch: only when needed
+    except ModuleNotFoundError as exc:
+        root = Path(cache_dir) if cache_dir is not None else bundle_cache_dir()
+        raise BundleError(
+            f"no default model bundle in {root} and {exc.name} is not installed to export one: "
+            "run `histosam export --out DIR` where the torch extra is installed and serve with --models DIR"
+        ) from None
+    log.info("exporting the default model bundle into %s (first run only)", cache_dir or bundle_cache_dir())
+    return ensure_bundle("default", cache_dir=cache_dir)
+
+
+def discover_bundles(models_dir: Path) -> list[Path]:
+    """``models_dir`` itself if it is a bundle, else its sub-folders that are bundles (sorted)."""
+    models_dir = Path(models_dir)
+    if not models_dir.is_dir():
+        raise NotFoundError(f"models folder {models_dir} does not exist")
+    if (models_dir / MANIFEST).is_file():
+        return [models_dir]
+    found = sorted(p for p in models_dir.iterdir() if p.is_dir() and (p / MANIFEST).is_file())
+    if not found:
+        raise BundleError(f"{models_dir} holds no model bundle (no */{MANIFEST})")
+    return found
+
+
+@dataclass
+class LoadedModel:
+    """One bundle with its shared onnxruntime sessions."""
+
+    bundle: Bundle
+    encoder: OnnxEncoder
+    decoder: OnnxDecoder
+    providers: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.bundle.name
+
+    @property
+    def sha256(self) -> str:
+        return self.bundle.model_sha256
+
+    @property
+    def transform(self) -> ImageTransform:
+        return self.bundle.transform
+
+
+def load_model(path: Path, providers: list[str] | None = None, threads: int | None = None) -> LoadedModel:
+    bundle = load_bundle(path)  # verifies every file's sha256
+    encoder = OnnxEncoder(bundle, providers, threads)
+    decoder = OnnxDecoder(bundle, providers, threads)
+    return LoadedModel(bundle, encoder, decoder, list(encoder.session.get_providers()))
+
+
+class ModelStore:
+    """Models by name; ``""`` and ``"default"`` name the default model."""
+
+    def __init__(self, models: Iterable[LoadedModel], default: str | None = None) -> None:
+        self._models: dict[str, LoadedModel] = {}
+        for model in models:
+            if model.name in self._models:
+                raise BundleError(
+                    f"two bundles are both named {model.name!r} ({self._models[model.name].bundle.path} "
+                    f"and {model.bundle.path}): serve one of them, or change one manifest's \"model\""
+                )
+            self._models[model.name] = model
+        if not self._models:
+            raise BundleError("no model to serve")
+        if default is None:
+            default = next(iter(self._models))
+        if default not in self._models:
+            raise NotFoundError(f"default model {default!r} is not among the served models: {', '.join(self.names)}")
+        self.default_name = default
+
+    @classmethod
+    def load(
+        cls,
+        bundles: Sequence[Path],
+        default: str | None = None,
+        prefer_gpu: bool = True,
+        threads: int | None = None,
+    ) -> ModelStore:
+        providers = available_providers(prefer_gpu)
+        models = []
+        for path in bundles:
+            model = load_model(Path(path), providers, threads)
+            log.info("model %s (%s) from %s on %s", model.name, model.sha256[:12], path, ", ".join(model.providers))
+            models.append(model)
+        return cls(models, default)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    @property
+    def default(self) -> LoadedModel:
+        return self._models[self.default_name]
+
+    def models(self) -> list[LoadedModel]:
+        return list(self._models.values())
+
+    def get(self, name: str) -> LoadedModel:
+        if not name or name == "default":
+            return self.default
+        try:
+            return self._models[name]
+        except KeyError:
+            raise NotFoundError(f"unknown model {name!r}; this server has: {', '.join(self.names)}") from None
+
+    @property
+    def providers(self) -> list[str]:
+        """Providers actually running (the default model's; every model gets the same list)."""
+        return list(self.default.providers)

@@ -1,0 +1,123 @@
+"""The onnxruntime predictor: what the server runs, and the evaluator's ``--backend onnx``.
+
+The encoder graph runs once per image; each click runs only the decoder graph. Pre- and
+post-processing are the shared numpy transforms (histosam.backend.transforms).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histosam.backend.bundle import Bundle, load_bundle
+from histosam.backend.predictor import Prediction, prompt_arrays
+from histosam.backend.transforms import LOW_RES, validate_rgb
+
+
+def available_providers(prefer_gpu: bool = True) -> list[str]:
+    """CUDA first when onnxruntime-gpu offers it, CPU always last."""
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    chosen = []
+    if prefer_gpu and "CUDAExecutionProvider" in have:
+        chosen.append("CUDAExecutionProvider")
+    chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def make_session(path: Path, providers: list[str] | None = None, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers or available_providers())
+
+
+class OnnxEncoder:
+    """encoder.onnx: image -> features dict. Thread-safe (onnxruntime sessions are)."""
+
+    def __init__(self, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None) -> None:
+        self.bundle = bundle
+        self.transform = bundle.transform
+        self.session = make_session(bundle.graph_path("encoder"), providers, threads)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        x = self.transform.apply_image(image)
+        outs = self.session.run(None, {"image": x})
+        return dict(zip(self.output_names, outs, strict=True))
+
+
+class OnnxDecoder:
+    """decoder.onnx: features + prompt -> (low-res logits, iou)."""
+
+    def __init__(self, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None,
+                 graph: str = "decoder") -> None:
+        self.bundle = bundle
+        self.transform = bundle.transform
+        self.session = make_session(bundle.graph_path(graph), providers, threads)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, features: dict[str, np.ndarray], hw: tuple[int, int], points=None, labels=None,
+                 box=None, mask_logits=None) -> tuple[np.ndarray, float]:
+        coords, lbl = prompt_arrays(points, labels, box)
+        coords = self.transform.apply_coords(coords, hw)
+        has_mask = mask_logits is not None
+        mask_in = (np.asarray(mask_logits, np.float32).reshape(1, 1, LOW_RES, LOW_RES) if has_mask
+                   else np.zeros((1, 1, LOW_RES, LOW_RES), np.float32))
+        feeds: dict[str, Any] = {
+            "point_coords": coords[None].astype(np.float32),
+            "point_labels": lbl[None].astype(np.float32),
+            "mask_input": mask_in,
+            "has_mask_input": np.array([float(has_mask)], np.float32),
+            # The graph's own `masks` output is not used here (the shared numpy transform
+            # makes the full-size mask); a small size keeps that branch cheap.
+            "orig_im_size": np.array([LOW_RES, LOW_RES], np.float32),
+        }
+        for name in self.input_names:
+            if name not in feeds:
+                feeds[name] = features[name]
+        low_res, iou = self.session.run(["low_res_masks", "iou_predictions"], feeds)
+        return low_res[0, 0], float(iou[0, 0])
+
+
+class OnnxPredictor:
+    """The Predictor protocol over a bundle (see histosam.backend.predictor)."""
+
+    def __init__(self, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None) -> None:
+        self.bundle = bundle
+        self.name = bundle.name
+        self.transform = bundle.transform
+        self.encoder = OnnxEncoder(bundle, providers, threads)
+        self.decoder = OnnxDecoder(bundle, providers, threads)
+        self.providers = self.encoder.session.get_providers()
+        self.features: dict[str, np.ndarray] | None = None
+        self._hw: tuple[int, int] | None = None
+        self.last_encode_seconds = 0.0
+
+    @classmethod
+    def from_bundle(cls, path: str | os.PathLike, providers: list[str] | None = None,
+                    threads: int | None = None) -> OnnxPredictor:
+        return cls(load_bundle(path), providers, threads)
+
+    def set_image(self, image: np.ndarray) -> None:
+        image = validate_rgb(image)
+        start = time.perf_counter()
+        self.features = self.encoder(image)
+        self._hw = image.shape[:2]
+        self.last_encode_seconds = time.perf_counter() - start
+
+    def predict(self, points=None, labels=None, box=None, mask_logits=None) -> Prediction:
+        if self.features is None or self._hw is None:
+            raise RuntimeError("call set_image before predict")
+        low, iou = self.decoder(self.features, self._hw, points, labels, box, mask_logits)
+        logits = self.transform.logits_to_original(low, self._hw)
+        return Prediction(mask=logits > 0, low_res_logits=low, iou=iou)

@@ -1,0 +1,579 @@
+"""The gRPC segmentation server (histosam.v1.Segmentation) over onnxruntime.
+
+Constructible in-process with explicit ``ServerSettings`` and startable/stoppable from tests
+(port 0 binds a free port)::
+
+    with SegmentationServer(ServerSettings(port=0, bundles=(bundle_dir,))) as server:
+        channel = grpc.insecure_channel(server.address)
+
+What the service does per RPC is in ``segmentation.proto``; the state (embedding cache,
+sessions, prompt history) is in ``histosam.backend.sessions``. Every user-facing error is a
+``HistosamError`` mapped to one status code with one message; anything else is logged with
+its traceback and answered INTERNAL, and the server keeps serving. Next to the service run the
+standard ``grpc.health.v1`` health service (exempt from the token) and server reflection, so
+grpcurl-style tools work. Never imports torch (the default bundle comes from the cache; see
+``histosam.backend.models``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent import futures
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import cv2
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from histosam.backend import __version__
+from histosam.backend.errors import (
+    HistosamError,
+    InvalidInputError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceLimitError,
+)
+from histosam.backend.geometry import PolygonXY, mask_to_polygons, polygons_to_mask
+from histosam.backend.image_sources import (
+    content_signature,
+    decode_image,
+    decode_mask_png,
+    make_region,
+    read_region,
+)
+from histosam.backend.models import LoadedModel, ModelStore, default_bundle_path, discover_bundles
+from histosam.backend.sessions import (
+    Embedding,
+    EmbeddingCache,
+    Frame,
+    Prompt,
+    Session,
+    SessionStore,
+)
+from histosam.backend.transforms import mask_to_prompt_logits
+from histosam.v1 import segmentation_pb2 as pb
+from histosam.v1 import segmentation_pb2_grpc as pb_grpc
+
+log = logging.getLogger("histosam.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Segmentation"].full_name
+# Components (and holes) smaller than this many image pixels are dropped (filled) unless the
+# ClickRequest sets min_area: SAM leaves specks of a few pixels around its masks.
+DEFAULT_MIN_AREA = 16.0
+TOKEN_METADATA_KEYS = ("authorization", "x-histosam-token")
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+STATUS_OF: tuple[tuple[type[HistosamError], grpc.StatusCode], ...] = (
+    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (ResourceLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+)
+
+
+def status_for(exc: HistosamError) -> grpc.StatusCode:
+    for kind, code in STATUS_OF:
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.FAILED_PRECONDITION
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything the server needs; the CLI, a config file and tests all build one of these.
+
+    ``bundles`` (explicit bundle folders) and ``models_dir`` (a bundle, or a folder of
+    bundles) add up; with neither, the cached default bundle is served.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    models_dir: Path | None = None
+    bundles: tuple[Path, ...] = ()
+    default_model: str | None = None
+    slide_roots: tuple[Path, ...] = ()
+    token: str | None = None
+    token_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    threads: int = 8
+    ort_threads: int | None = None
+    prefer_gpu: bool = True
+    cache_bytes: int = 1 << 30
+    session_idle_seconds: float = 1800.0
+    max_sessions: int = 128
+    max_pixels: int = 4096 * 4096
+    max_message_bytes: int = 64 << 20
+    max_points: int = 100
+    grace_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("threads", "cache_bytes", "max_sessions", "max_pixels", "max_message_bytes", "max_points"):
+            if int(getattr(self, name)) <= 0:
+                raise InvalidInputError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not (0 <= self.port <= 65535):
+            raise InvalidInputError(f"port must be 0-65535, got {self.port}")
+        if not (self.session_idle_seconds > 0 and math.isfinite(self.session_idle_seconds)):
+            raise InvalidInputError("session-idle-seconds must be a positive number")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidInputError("--tls-cert and --tls-key go together")
+        if self.token is not None and self.token_file is not None:
+            raise InvalidInputError("give a token or a token file, not both")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> ServerSettings:
+        """Build from a dict (a config file, CLI flags): keys with dashes or underscores."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for raw_key, value in values.items():
+            key = str(raw_key).replace("-", "_")
+            if key == "slide_root":
+                key = "slide_roots"
+            if key == "models":
+                key = "models_dir"
+            if key not in known:
+                raise InvalidInputError(f"unknown server setting {raw_key!r}")
+            if value is None:
+                continue
+            kwargs[key] = _coerce(key, value)
+        return cls(**kwargs)
+
+    def resolve_token(self) -> str | None:
+        if self.token is not None:
+            token = self.token
+        elif self.token_file is not None:
+            try:
+                token = Path(self.token_file).read_text().strip()
+            except OSError as exc:
+                raise NotFoundError(f"cannot read token file {self.token_file}: {exc.strerror}") from None
+        else:
+            return None
+        if not token:
+            raise InvalidInputError("the token is empty")
+        return token
+
+    def bundle_paths(self) -> list[Path]:
+        paths = [Path(p) for p in self.bundles]
+        if self.models_dir is not None:
+            paths += discover_bundles(Path(self.models_dir))
+        return paths or [default_bundle_path()]
+
+
+def _coerce(key: str, value: Any) -> Any:
+    if key in ("bundles", "slide_roots"):
+        items = [value] if isinstance(value, str | Path) else list(value)
+        return tuple(Path(v) for v in items)
+    if key in ("models_dir", "token_file", "tls_cert", "tls_key"):
+        return Path(value)
+    if key in ("port", "threads", "ort_threads", "cache_bytes", "max_sessions", "max_pixels",
+               "max_message_bytes", "max_points"):
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"setting {key} must be an integer, got {value!r}") from None
+    if key in ("session_idle_seconds", "grace_seconds"):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"setting {key} must be a number, got {value!r}") from None
+    if key == "prefer_gpu":
+        return bool(value)
+    return value if value is None else str(value)
+
+
+# --------------------------------------------------------------------------- service
+
+
+def _polygon_message(poly: PolygonXY) -> pb.Polygon:
+    return pb.Polygon(
+        exterior=np.asarray(poly.exterior, np.float64).ravel().tolist(),
+        holes=[pb.Ring(xy=np.asarray(h, np.float64).ravel().tolist()) for h in poly.holes],
+    )
+
+
+def _ring_array(values: Sequence[float], what: str) -> np.ndarray:
+    arr = np.asarray(values, np.float64)
+    if arr.size % 2 or arr.size < 6:
+        raise InvalidInputError(f"{what} needs an even number (>= 6) of coordinates, got {arr.size}")
+    if not np.all(np.isfinite(arr)):
+        raise InvalidInputError(f"{what} has a non-finite coordinate")
+    return arr.reshape(-1, 2)
+
+
+class SegmentationServicer(pb_grpc.SegmentationServicer):
+    """The four RPCs; state lives in the model store, the embedding cache and the session store."""
+
+    def __init__(self, settings: ServerSettings, models: ModelStore, token_required: bool) -> None:
+        self.settings = settings
+        self.models = models
+        self.cache = EmbeddingCache(settings.cache_bytes)
+        self.sessions = SessionStore(settings.session_idle_seconds, settings.max_sessions)
+        self.token_required = token_required
+
+    # -- plumbing
+    def _call(self, context: grpc.ServicerContext, name: str, fn: Callable[[], Any]) -> Any:
+        """Run ``fn``; map HistosamError to its status, anything else to INTERNAL (logged)."""
+        try:
+            return fn()
+        except HistosamError as exc:
+            code, message = status_for(exc), str(exc)
+            log.info("%s -> %s: %s", name, code.name, message)
+        except Exception as exc:  # noqa: BLE001 - a bug must not take the server down
+            log.exception("%s failed", name)
+            code, message = grpc.StatusCode.INTERNAL, f"internal server error in {name}: {type(exc).__name__}: {exc}"
+        context.abort(code, message)  # raises: grpc ends the call with this status
+
+    # -- RPCs
+    def GetServerInfo(self, request, context):
+        return self._call(context, "GetServerInfo", self._info)
+
+    def OpenImage(self, request, context):
+        return self._call(context, "OpenImage", lambda: self._open(request))
+
+    def Click(self, request, context):
+        return self._call(context, "Click", lambda: self._click(request))
+
+    def CloseImage(self, request, context):
+        return self._call(context, "CloseImage",
+                          lambda: pb.CloseImageResponse(closed=self.sessions.close(request.session_id)))
+
+    # -- implementations
+    def _info(self) -> pb.GetServerInfoResponse:
+        s = self.settings
+        return pb.GetServerInfoResponse(
+            version=__version__,
+            models=[
+                pb.ModelInfo(name=m.name, sha256=m.sha256, input_size=m.transform.input_size,
+                             is_default=m.name == self.models.default_name)
+                for m in self.models.models()
+            ],
+            default_model=self.models.default_name,
+            providers=self.models.providers,
+            limits=pb.Limits(max_pixels=s.max_pixels, max_message_bytes=s.max_message_bytes,
+                             max_points=s.max_points, session_idle_seconds=s.session_idle_seconds,
+                             cache_bytes=s.cache_bytes, max_sessions=s.max_sessions),
+            token_required=self.token_required,
+            slides_enabled=bool(s.slide_roots),
+            open_sessions=len(self.sessions),
+            cache_used_bytes=self.cache.used_bytes,
+            cache_entries=len(self.cache),
+        )
+
+    def _open(self, request: pb.OpenImageRequest) -> pb.OpenImageResponse:
+        model = self.models.get(request.model)
+        source = request.WhichOneof("source")
+        s = self.settings
+        if source == "encoded_image":
+            data = request.encoded_image
+            if not data:
+                raise InvalidInputError("encoded_image is empty")
+            signature = content_signature(data)
+            default_frame = Frame()
+
+            def pixels() -> np.ndarray:
+                return decode_image(data, s.max_pixels)
+        elif source == "slide_region":
+            r = request.slide_region
+            region = make_region(r.slide_path, r.x, r.y, r.width, r.height, r.downsample,
+                                 s.slide_roots, s.max_pixels)
+            signature = region.signature
+            default_frame = Frame(region.x, region.y, region.downsample)
+
+            def pixels() -> np.ndarray:
+                return read_region(region)
+        else:
+            raise InvalidInputError("OpenImage needs a source: encoded_image or slide_region")
+        frame = default_frame
+        if request.HasField("frame"):
+            f = request.frame
+            frame = Frame(f.origin_x, f.origin_y, f.downsample or 1.0)
+        key = hashlib.sha256(f"{signature}|{model.sha256}".encode()).hexdigest()
+        embedding, hit = self.cache.get_or_compute(key, lambda: self._encode(model, pixels))
+        session = self.sessions.create(model, embedding, frame)
+        log.debug("open %s: %dx%d %s, cache %s", session.session_id, embedding.width, embedding.height,
+                  model.name, "hit" if hit else "miss")
+        return pb.OpenImageResponse(
+            session_id=session.session_id, width=embedding.width, height=embedding.height,
+            model=model.name, cache_hit=hit, encode_seconds=0.0 if hit else embedding.encode_seconds,
+            frame=pb.Frame(origin_x=frame.origin_x, origin_y=frame.origin_y, downsample=frame.downsample),
+            model_sha256=model.sha256,
+            decode_image_seconds=0.0 if hit else embedding.decode_image_seconds,
+        )
+
+    @staticmethod
+    def _encode(model: LoadedModel, pixels: Callable[[], np.ndarray]) -> Embedding:
+        t0 = time.perf_counter()
+        rgb = pixels()
+        t1 = time.perf_counter()
+        features = model.encoder(rgb)
+        t2 = time.perf_counter()
+        return Embedding(features, int(rgb.shape[0]), int(rgb.shape[1]), t2 - t1, t1 - t0)
+
+    def _prompt(self, request: pb.ClickRequest, session: Session) -> Prompt:
+        w, h, frame = session.width, session.height, session.frame
+        n = len(request.points)
+        if n > self.settings.max_points:
+            raise ResourceLimitError(f"{n} points in one click exceed the server's limit of {self.settings.max_points}")
+        client = np.array([(p.x, p.y) for p in request.points], np.float64).reshape(-1, 2)
+        if not np.all(np.isfinite(client)):
+            raise InvalidInputError("a point has a non-finite coordinate")
+        pts = frame.to_pixels(client)
+        outside = (pts[:, 0] < 0) | (pts[:, 0] > w) | (pts[:, 1] < 0) | (pts[:, 1] > h)
+        if outside.any():
+            i = int(np.argmax(outside))
+            raise InvalidInputError(
+                f"point {i} ({client[i, 0]:g}, {client[i, 1]:g}) is outside the image "
+                f"({frame.describe_extent(w, h)})"
+            )
+        labels = np.array([1 if p.positive else 0 for p in request.points], np.int64)
+        box = None
+        if request.HasField("box"):
+            b = request.box
+            corners = np.array([[b.x0, b.y0], [b.x1, b.y1]], np.float64)
+            if not np.all(np.isfinite(corners)):
+                raise InvalidInputError("box has a non-finite coordinate")
+            px = frame.to_pixels(corners)
+            x0, x1 = sorted(np.clip(px[:, 0], 0, w))
+            y0, y1 = sorted(np.clip(px[:, 1], 0, h))
+            if x1 <= x0 or y1 <= y0:
+                raise InvalidInputError(
+                    f"box ({b.x0:g}, {b.y0:g}, {b.x1:g}, {b.y1:g}) does not overlap the image "
+                    f"({frame.describe_extent(w, h)})"
+                )
+            box = np.array([x0, y0, x1, y1], np.float64)
+        if n == 0 and box is None:
+            raise InvalidInputError("a click needs at least one point or a box")
+        mask_key, mask_logits = self._mask_prompt(request, session)
+        return Prompt(pts, labels, box, mask_key, mask_logits)
+
+    @staticmethod
+    def _mask_prompt(request: pb.ClickRequest, session: Session) -> tuple[bytes, Callable[[], np.ndarray] | None]:
+        png, polys = request.mask_prompt_png, request.mask_prompt_polygons
+        if png and polys:
+            raise InvalidInputError("give mask_prompt_png or mask_prompt_polygons, not both")
+        transform = session.model.transform
+        h, w, frame = session.height, session.width, session.frame
+        if png:
+            key = b"png:" + hashlib.sha256(png).digest()
+            mask = decode_mask_png(png, h, w)  # validated now, so a bad prompt fails every time
+            return key, lambda: mask_to_prompt_logits(mask, transform)
+        if polys:
+            polygons = []
+            digest = hashlib.sha256()
+            for i, poly in enumerate(polys):
+                ext = _ring_array(poly.exterior, f"mask_prompt_polygons[{i}].exterior")
+                holes = [_ring_array(r.xy, f"mask_prompt_polygons[{i}].holes[{j}]") for j, r in enumerate(poly.holes)]
+                polygons.append(PolygonXY(ext, holes))
+                for ring in (ext, *holes):
+                    digest.update(ring.tobytes() + b"|")
+                digest.update(b"#")
+
+            def logits() -> np.ndarray:
+                mask = polygons_to_mask(polygons, (h, w), origin=frame.origin, downsample=frame.downsample)
+                return mask_to_prompt_logits(mask, transform)
+
+            return b"poly:" + digest.digest(), logits
+        return b"", None
+
+    def _click(self, request: pb.ClickRequest) -> pb.ClickResponse:
+        session = self.sessions.get(request.session_id)
+        tolerance = float(request.simplify_tolerance)
+        min_area = float(request.min_area) if request.HasField("min_area") else DEFAULT_MIN_AREA
+        for name, value in (("simplify_tolerance", tolerance), ("min_area", min_area)):
+            if not (math.isfinite(value) and value >= 0):
+                raise InvalidInputError(f"{name} must be a non-negative number, got {value}")
+        prompt = self._prompt(request, session)
+        model: LoadedModel = session.model
+        features, hw = session.embedding.features, session.embedding.hw
+
+        def decode(points, labels, box, mask_logits):
+            return model.decoder(features, hw, points, labels, box, mask_logits)
+
+        with session.lock:
+            result, seconds, steps = session.resolve(prompt, decode)
+        mask = model.transform.logits_to_original(result.low_res, hw) > 0
+        frame = session.frame
+        polygons = mask_to_polygons(mask, origin=frame.origin, downsample=frame.downsample,
+                                    simplify_tolerance=tolerance, min_area=min_area)
+        response = pb.ClickResponse(
+            polygons=[_polygon_message(p) for p in polygons],
+            predicted_iou=result.iou,
+            decode_seconds=seconds,
+            num_points=len(prompt.points),
+            decoded_steps=steps,
+            mask_pixels=int(mask.sum()),
+            width=session.width,
+            height=session.height,
+        )
+        if request.want_mask_png:
+            ok, buf = cv2.imencode(".png", mask.astype(np.uint8) * 255)
+            if not ok:  # pragma: no cover - cv2 encodes any uint8 image
+                raise RuntimeError("PNG encoding failed")
+            response.mask_png = buf.tobytes()
+        return response
+
+
+# --------------------------------------------------------------------------- auth
+
+
+def _abort_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that fails with UNAUTHENTICATED."""
+
+    def deny(request_or_iterator, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make = kinds[(bool(handler.request_streaming), bool(handler.response_streaming))]
+    return make(deny, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """Requires ``authorization: Bearer TOKEN`` (or ``x-histosam-token: TOKEN``) on every call
+    but the health service; compared in constant time."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+    def _valid(self, metadata: Iterable[tuple[str, Any]] | None) -> bool:
+        for key, value in metadata or ():
+            if key not in TOKEN_METADATA_KEYS:
+                continue
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            if key == "authorization":
+                scheme, _, text = text.partition(" ")
+                if scheme.lower() != "bearer":
+                    continue
+            if hmac.compare_digest(text.strip().encode(), self._token):
+                return True
+        return False
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(HEALTH_PREFIX):
+            return handler
+        if self._valid(handler_call_details.invocation_metadata):
+            return handler
+        return _abort_handler(handler, "missing or wrong token: send metadata 'authorization: Bearer TOKEN'")
+
+
+# --------------------------------------------------------------------------- server
+
+
+@dataclass
+class SegmentationServer:
+    """A running (after ``start``) gRPC server; ``stop`` ends it gracefully."""
+
+    settings: ServerSettings
+    models: ModelStore | None = None
+    port: int | None = field(default=None, init=False)
+    _server: grpc.Server | None = field(default=None, init=False, repr=False)
+    _health: health.HealthServicer | None = field(default=None, init=False, repr=False)
+    servicer: SegmentationServicer | None = field(default=None, init=False, repr=False)
+    _stop_sweeper: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+
+    @property
+    def address(self) -> str:
+        if self.port is None:
+            raise RuntimeError("server is not started")
+        host = self.settings.host
+        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        return f"{host}:{self.port}"
+
+    @property
+    def providers(self) -> list[str]:
+        assert self.models is not None
+        return self.models.providers
+
+    def start(self) -> int:
+        """Load models (unless given), bind, serve; returns the bound port."""
+        s = self.settings
+        token = s.resolve_token()
+        if self.models is None:
+            self.models = ModelStore.load(s.bundle_paths(), s.default_model, s.prefer_gpu, s.ort_threads)
+        for root in s.slide_roots:
+            if not Path(root).is_dir():
+                raise NotFoundError(f"slide root {root} is not a folder")
+        options = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        interceptors = [TokenInterceptor(token)] if token else []
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=s.threads, thread_name_prefix="histosam-rpc"),
+                             options=options, interceptors=interceptors)
+        self.servicer = SegmentationServicer(s, self.models, token_required=bool(token))
+        pb_grpc.add_SegmentationServicer_to_server(self.servicer, server)
+        self._health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        bind = f"[{s.host}]:{s.port}" if ":" in s.host and not s.host.startswith("[") else f"{s.host}:{s.port}"
+        try:
+            if s.tls_cert is not None and s.tls_key is not None:
+                creds = grpc.ssl_server_credentials([(Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())])
+                port = server.add_secure_port(bind, creds)
+            else:
+                port = server.add_insecure_port(bind)
+        except (RuntimeError, OSError) as exc:
+            raise HistosamError(f"cannot listen on {bind}: {exc}") from None
+        if not port:
+            raise HistosamError(f"cannot listen on {bind} (address in use or not available)")
+        server.start()
+        self._server, self.port = server, port
+        for name in ("", SERVICE_NAME):
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._stop_sweeper.clear()
+        threading.Thread(target=self._sweep_loop, name="histosam-session-sweeper", daemon=True).start()
+        log.info("histosam %s listening on %s (%s), models %s, providers %s", __version__, self.address,
+                 "TLS" if s.tls_cert else "plaintext", ", ".join(self.models.names), ", ".join(self.providers))
+        return port
+
+    def _sweep_loop(self) -> None:
+        interval = min(60.0, max(0.05, self.settings.session_idle_seconds / 4))
+        while not self._stop_sweeper.wait(interval):
+            if self.servicer is not None:
+                dropped = self.servicer.sessions.sweep()
+                if dropped:
+                    log.debug("dropped %d idle sessions", dropped)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop accepting calls, let running ones finish for ``grace`` seconds, then end."""
+        self._stop_sweeper.set()
+        if self._server is None:
+            return
+        if self._health is not None:
+            self._health.enter_graceful_shutdown()
+        self._server.stop(self.settings.grace_seconds if grace is None else grace).wait()
+        self._server = None
+        log.info("histosam server on port %s stopped", self.port)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server ends (True) or ``timeout`` passes (False)."""
+        if self._server is None:
+            return True
+        return self._server.wait_for_termination(timeout)
+
+    def __enter__(self) -> SegmentationServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(0)

@@ -1,0 +1,311 @@
+"""Server-side state: the embedding cache, click sessions and each session's prompt history.
+
+Why this shape:
+
+* Encoding is the expensive step (hundreds of ms to seconds); a click is only the decoder. So
+  the encoder output of every opened image goes into an LRU cache bounded in bytes and keyed by
+  a *signature* of the pixels (content hash, or slide path + mtime + region) and the model's
+  sha256: opening the same image again, from any client, runs no encoder. Concurrent opens of
+  one image wait for a single encode instead of each running their own.
+* A session pins the embedding it was opened on (evicting it from the cache never breaks a
+  live session). Sessions are bounded by count (least recently used dropped) and by idle time;
+  a dropped session answers NOT_FOUND and the client re-opens, which is cheap when the
+  embedding is still cached.
+* Clicks carry all points so far. Each session keeps the low-res logits of every prompt
+  *prefix* (points[:k] + box + mask prompt), keyed by a chained hash of that exact prefix, and
+  decodes step k with step k-1's logits as the mask prompt, as SAM's interactive loop does
+  (with a box, step 0 is the box alone; the first step gets the refine-mask prompt, if any). So
+  a shorter list (undo) or the same list again (a retry) is answered from the history, a
+  changed earlier point starts a new chain, and a session rebuilt after a re-open replays the
+  missing steps to the very same answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+import struct
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from histosam.backend.errors import InvalidInputError, NotFoundError
+
+# Prompt prefixes remembered per session (each 256x256 float32 = 256 KiB). Older prefixes are
+# recomputed from the newest remembered one when a client asks for them again.
+HISTORY_LIMIT = 32
+
+
+@dataclass(frozen=True)
+class Frame:
+    """client coordinate = origin + image pixel * downsample."""
+
+    origin_x: float = 0.0
+    origin_y: float = 0.0
+    downsample: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not all(math.isfinite(v) for v in (self.origin_x, self.origin_y, self.downsample)):
+            raise InvalidInputError("frame has a non-finite value")
+        if self.downsample <= 0:
+            raise InvalidInputError(f"frame downsample must be positive, got {self.downsample}")
+
+    @property
+    def origin(self) -> tuple[float, float]:
+        return (self.origin_x, self.origin_y)
+
+    def to_pixels(self, xy: np.ndarray) -> np.ndarray:
+        """(..., 2) client x,y -> image pixel x,y."""
+        return (np.asarray(xy, np.float64) - (self.origin_x, self.origin_y)) / self.downsample
+
+    def describe_extent(self, width: int, height: int) -> str:
+        x1 = self.origin_x + width * self.downsample
+        y1 = self.origin_y + height * self.downsample
+        return f"x in [{self.origin_x:g}, {x1:g}], y in [{self.origin_y:g}, {y1:g}]"
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """An image's encoder output, shared read-only by every session on that image."""
+
+    features: dict[str, np.ndarray]
+    height: int
+    width: int
+    encode_seconds: float = 0.0
+    decode_image_seconds: float = 0.0
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return (self.height, self.width)
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.features.values()))
+
+
+class EmbeddingCache:
+    """LRU of embeddings bounded in bytes, with single-flight computation per key.
+
+    The newest entry is always kept even if it alone exceeds the budget (a budget smaller
+    than one embedding then means "cache only the last image").
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self._entries: OrderedDict[str, Embedding] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._inflight: dict[str, threading.Event] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return self._bytes
+
+    def get(self, key: str) -> Embedding | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
+
+    def put(self, key: str, embedding: Embedding) -> None:
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            self._entries[key] = embedding
+            self._bytes += embedding.nbytes
+            while self._bytes > self.max_bytes and len(self._entries) > 1:
+                _, evicted = self._entries.popitem(last=False)
+                self._bytes -= evicted.nbytes
+
+    def get_or_compute(self, key: str, compute: Callable[[], Embedding]) -> tuple[Embedding, bool]:
+        """(embedding, cache_hit). One thread computes a missing key; others wait for it."""
+        while True:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    self._entries.move_to_end(key)
+                    self.hits += 1
+                    return entry, True
+                waiting = self._inflight.get(key)
+                if waiting is None:
+                    done = threading.Event()
+                    self._inflight[key] = done
+                    self.misses += 1
+                    break
+            waiting.wait()  # the computing thread finished (or failed): look again
+        try:
+            embedding = compute()
+            self.put(key, embedding)
+            return embedding, False
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)
+            done.set()
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One Click's prompt in image pixels.
+
+    ``mask_key`` identifies the refine-an-annotation mask prompt (b"" when none) and
+    ``mask_logits`` produces its logits on demand (only the first step needs them).
+    """
+
+    points: np.ndarray  # (N, 2) float64 x, y
+    labels: np.ndarray  # (N,) 1 positive, 0 negative
+    box: np.ndarray | None = None  # (4,) x0, y0, x1, y1
+    mask_key: bytes = b""
+    mask_logits: Callable[[], np.ndarray] | None = None
+
+    def prefix_keys(self) -> list[bytes]:
+        """Key of step k (k = 0..N): a chained hash of the base (mask, box) and points[:k]."""
+        base = hashlib.sha256(b"histosam-prompt/1|" + self.mask_key + b"|")
+        base.update(b"nobox" if self.box is None else struct.pack("<4d", *map(float, self.box)))
+        keys = [base.digest()]
+        for (x, y), label in zip(self.points, self.labels, strict=True):
+            keys.append(hashlib.sha256(keys[-1] + struct.pack("<2dB", float(x), float(y), int(label))).digest())
+        return keys
+
+
+@dataclass(frozen=True)
+class StepResult:
+    low_res: np.ndarray  # (256, 256) float32 logits
+    iou: float
+
+
+# decode(points, labels, box, mask_logits) -> (low_res, iou)
+DecodeFn = Callable[[np.ndarray, np.ndarray, "np.ndarray | None", "np.ndarray | None"], tuple[np.ndarray, float]]
+
+
+@dataclass
+class Session:
+    """One opened image: model, pinned embedding, frame and the prompt-prefix history."""
+
+    session_id: str
+    model: Any  # histosam.backend.models.LoadedModel (kept loose: tests use plain objects)
+    embedding: Embedding
+    frame: Frame
+    last_used: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    history: OrderedDict[bytes, StepResult] = field(default_factory=OrderedDict)
+
+    @property
+    def width(self) -> int:
+        return self.embedding.width
+
+    @property
+    def height(self) -> int:
+        return self.embedding.height
+
+    def _remember(self, key: bytes, result: StepResult) -> None:
+        self.history[key] = result
+        self.history.move_to_end(key)
+        while len(self.history) > HISTORY_LIMIT:
+            self.history.popitem(last=False)
+
+    def resolve(self, prompt: Prompt, decode: DecodeFn) -> tuple[StepResult, float, int]:
+        """The answer to ``prompt``: (result, decoder seconds spent, steps decoded now).
+
+        Call with ``self.lock`` held (one click at a time per session keeps the history
+        consistent; different sessions run in parallel).
+        """
+        keys = prompt.prefix_keys()
+        n = len(prompt.points)
+        # With a box, step 0 is the box alone and every point refines the answer before it;
+        # without one, step 1 (the first point) is the first step.
+        first = 0 if prompt.box is not None else 1
+        if n < first:
+            raise InvalidInputError("a click needs at least one point or a box")
+        start = first
+        for k in range(n, first - 1, -1):  # newest remembered prefix
+            if keys[k] in self.history:
+                self.history.move_to_end(keys[k])
+                start = k + 1
+                break
+        if start > n:
+            return self.history[keys[n]], 0.0, 0
+        seconds = 0.0
+        result: StepResult | None = None
+        for k in range(start, n + 1):
+            if k <= first:
+                previous = prompt.mask_logits() if prompt.mask_logits is not None else None
+            else:
+                previous = self.history[keys[k - 1]].low_res
+            t0 = time.perf_counter()
+            low, iou = decode(prompt.points[:k], prompt.labels[:k], prompt.box, previous)
+            seconds += time.perf_counter() - t0
+            result = StepResult(np.asarray(low, np.float32).copy(), float(iou))
+            self._remember(keys[k], result)
+        assert result is not None
+        return result, seconds, n + 1 - start
+
+
+class SessionStore:
+    """Sessions by id, thread-safe, dropped after ``idle_seconds`` or beyond ``max_sessions``."""
+
+    def __init__(self, idle_seconds: float, max_sessions: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.idle_seconds = float(idle_seconds)
+        self.max_sessions = int(max_sessions)
+        self._clock = clock
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def create(self, model: Any, embedding: Embedding, frame: Frame) -> Session:
+        now = self._clock()
+        session = Session(secrets.token_urlsafe(16), model, embedding, frame, now)
+        with self._lock:
+            self._expire(now)
+            self._sessions[session.session_id] = session
+            while len(self._sessions) > self.max_sessions:
+                self._sessions.popitem(last=False)
+        return session
+
+    def get(self, session_id: str) -> Session:
+        now = self._clock()
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is not None and now - session.last_used > self.idle_seconds:
+                del self._sessions[session_id]
+                session = None
+            if session is None:
+                raise NotFoundError(
+                    f"session {session_id!r} is unknown or has expired (idle limit {self.idle_seconds:g} s, "
+                    "or the server restarted): re-open the image"
+                )
+            session.last_used = now
+            self._sessions.move_to_end(session_id)
+            return session
+
+    def close(self, session_id: str) -> bool:
+        with self._lock:
+            return self._sessions.pop(session_id, None) is not None
+
+    def sweep(self) -> int:
+        """Drop idle sessions now; returns how many."""
+        with self._lock:
+            return self._expire(self._clock())
+
+    def _expire(self, now: float) -> int:
+        stale = [sid for sid, s in self._sessions.items() if now - s.last_used > self.idle_seconds]
+        for sid in stale:
+            del self._sessions[sid]
+        return len(stale)
