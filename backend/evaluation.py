@@ -4,8 +4,9 @@ Per image the predictor encodes once (``set_image``, timed); then the RITM click
 (``histosam.backend.clicker.next_click``) places a click on the current error, the predictor
 answers with every click so far plus its previous low-res logits as the mask prompt (none on
 the first click), and the IoU of ``Prediction.mask`` against the ground truth is recorded. The
-loop stops once the IoU reaches ``target_iou`` (the highest NoC threshold, so NoC@80/85/90 all
-come from the same curve) or after ``max_clicks``; with ``full_curve`` it always runs
+loop stops once the IoU reaches ``target_iou`` (default 0.90, the highest NoC threshold, so
+NoC@80/85/90 all come from the same curve; a lower target is raised to 0.90) or after
+``max_clicks``; with ``full_curve`` it always runs
 ``max_clicks`` clicks, which mIoU-per-click curves need. It also stops early if no unclicked
 error pixel is left. Curves that stopped early are padded with their last IoU for mIoU
 (see ``histosam.backend.metrics``).
@@ -238,6 +239,12 @@ class EvalConfig:
     target_iou: float = 0.90
     full_curve: bool = False
 
+    @property
+    def stop_iou(self) -> float:
+        """Where a curve may stop: never below the highest NoC threshold, or NoC@90 would be
+        computed on curves cut short."""
+        return max(self.target_iou, max(NOC_THRESHOLDS))
+
     def __post_init__(self) -> None:
         if self.max_clicks < 1:
             raise InvalidInputError(f"--max-clicks must be at least 1, got {self.max_clicks}")
@@ -315,7 +322,7 @@ def evaluate_sample(
             result.logits.append(np.array(prev_logits, np.float32, copy=True))
         result.ious.append(iou(pred_mask, gt))
         result.obeyed.append(bool(pred_mask[click.y, click.x]) == click.positive)
-        if not config.full_curve and result.ious[-1] >= config.target_iou:
+        if not config.full_curve and result.ious[-1] >= config.stop_iou:
             break
     return result
 

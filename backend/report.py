@@ -119,7 +119,7 @@ def render_table(results: dict[str, Any]) -> str:
         f"Data: {', '.join(cfg['data'])}: {results['n_total']} samples found, {kept}, "
         f"{results['n']} evaluated.",
         f"Protocol: RITM clicker, up to {m} clicks, "
-        + ("full curves" if cfg["full_curve"] else f"stop at IoU >= {cfg['target_iou']:g}")
+        + ("full curves" if cfg["full_curve"] else f"stop at IoU >= {cfg.get('stop_iou', cfg['target_iou']):g}")
         + "; NoF counts NoC == max clicks (RITM); mIoU pads stopped curves with their last IoU;"
         " SPC = seconds per click in ms, amortised over encoder + decoder or decoder only.",
         "",

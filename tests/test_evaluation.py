@@ -165,6 +165,21 @@ def test_stops_at_target_unless_full_curve():
     assert short_agg["miou_per_click"]["10"] == pytest.approx(full_agg["miou_per_click"]["10"])
 
 
+def test_a_target_below_the_highest_noc_threshold_does_not_cut_curves_short():
+    def left_half_then_almost(gt: np.ndarray, k: int) -> np.ndarray:
+        if k >= 3:
+            return almost(gt, k)  # IoU just above 0.9
+        return gt & (np.arange(gt.shape[1]) < gt.nonzero()[1].mean())  # IoU about 0.5
+
+    samples = synthetic_samples(2)
+    # IoU 0.5 after click 1 is above the target, but NoC@90 needs the curve up to 0.90
+    half = OraclePredictor(samples, left_half_then_almost)
+    config = EvalConfig(10, target_iou=0.3)
+    results = evaluate_predictor(half, samples, config, progress=False)
+    assert [len(r.ious) for r in results] == [3, 3]
+    assert aggregate(results, config)["noc"]["90"] == 3.0
+
+
 def test_wrong_mask_shape_from_a_predictor_is_a_clear_error():
     samples = synthetic_samples(1)
     bad = OraclePredictor(samples, lambda gt, k: np.zeros((3, 3), bool))
@@ -253,7 +268,6 @@ def test_bad_data_is_a_clear_error(tmp_path):
 # --------------------------------------------------------------------------- CLI
 
 
-@pytest.mark.slow
 def test_cli_end_to_end_with_a_baseline_on_real_patches(data_dir, tmp_path, capsys):
     out = tmp_path / "eval"
     rc = main([

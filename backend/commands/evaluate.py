@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-clicks", type=int, default=20, help="clicks per image (default: %(default)s)")
     p.add_argument(
         "--target-iou", type=float, default=0.90,
-        help="stop clicking once IoU reaches this (default: %(default)s, the highest NoC threshold)",
+        help="stop clicking once IoU reaches this (default and minimum: 0.90, the highest NoC threshold)",
     )
     p.add_argument("--full-curve", action="store_true", help="always make --max-clicks clicks (exact mIoU per click)")
     p.add_argument("--limit", type=int, help="evaluate only the first N kept samples of each --data folder")
@@ -145,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
             "fraction": list(fraction) if fraction else None,
             "max_clicks": config.max_clicks,
             "target_iou": config.target_iou,
+            "stop_iou": config.stop_iou,
             "full_curve": config.full_curve,
             "limit": args.limit,
         },

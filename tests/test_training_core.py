@@ -1,0 +1,147 @@
+"""Training building blocks: the loss, the click simulator, augmentation, config, one step."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from training_helpers import tiny_config, write_blob_dataset  # noqa: E402
+
+from histosam.backend.errors import InvalidInputError, NotFoundError  # noqa: E402
+from histosam.training.augment import apply_aug, identity, sample_aug  # noqa: E402
+from histosam.training.click_simulation import ClickState, prompt_batch  # noqa: E402
+from histosam.training.config import config_from_dict, load_config  # noqa: E402
+from histosam.training.losses import normalized_focal_loss  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
+
+
+def test_nfl_matches_hand_computation():
+    # Two pixels: p = 0.5 (target 1), p = 0.75 (target 0); alpha 0.5, gamma 2.
+    logits = torch.tensor([0.0, math.log(3.0)]).reshape(1, 1, 1, 2)
+    target = torch.tensor([1.0, 0.0]).reshape(1, 1, 1, 2)
+    pt = [0.5, 0.25]
+    beta = [(1 - p) ** 2 for p in pt]
+    scale = 2 / sum(beta)  # focal weights rescaled to sum to the number of pixels
+    expected = sum(-0.5 * b * scale * math.log(p) for b, p in zip(beta, pt, strict=True)) / 2
+    got = float(normalized_focal_loss(logits, target, alpha=0.5, gamma=2.0))
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert expected == pytest.approx(0.586512, rel=1e-4)
+
+
+def test_nfl_weight_excludes_pixels_and_scale_is_detached():
+    logits = torch.tensor([0.3, -1.0, 2.0, 0.0]).reshape(1, 1, 2, 2).requires_grad_(True)
+    target = torch.tensor([1.0, 0.0, 0.0, 1.0]).reshape(1, 1, 2, 2)
+    weight = torch.tensor([1.0, 1.0, 1.0, 0.0]).reshape(1, 1, 2, 2)
+    full = normalized_focal_loss(logits, target, weight)
+    first3 = normalized_focal_loss(logits.reshape(1, 1, 1, 4)[..., :3], target.reshape(1, 1, 1, 4)[..., :3])
+    assert float(full.detach()) == pytest.approx(float(first3.detach()), rel=1e-6)
+    full.backward()
+    assert logits.grad[0, 0, 1, 1] == 0  # the excluded pixel gets no gradient
+    # With the scale detached, the gradient is that of the plain focal term times the scale.
+    x = logits.detach().reshape(-1)[:3].clone().requires_grad_(True)
+    t = target.reshape(-1)[:3]
+    p = torch.sigmoid(x)
+    pt = torch.where(t > 0.5, p, 1 - p)
+    beta = (1 - pt) ** 2
+    s = (3 / beta.sum()).detach()
+    (-(0.5 * beta * s * torch.log(pt)).sum() / 3).backward()
+    assert torch.allclose(logits.grad.reshape(-1)[:3], x.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("ritm", [False, True])
+def test_correction_clicks_always_lie_in_the_error_region(ritm):
+    rng = np.random.default_rng(1)
+    for _ in range(25):
+        gt = np.zeros((256, 256), bool)
+        y, x = rng.integers(20, 200, 2)
+        gt[y:y + rng.integers(10, 50), x:x + rng.integers(10, 50)] = True
+        pred = np.zeros_like(gt)
+        y, x = rng.integers(0, 220, 2)
+        pred[y:y + rng.integers(5, 60), x:x + rng.integers(5, 60)] = True
+        state = ClickState(gt, np.ones_like(gt))
+        assert state.add_first(rng)
+        cy, cx, pos = state.clicks[0]
+        assert pos and gt[cy, cx]
+        click = state.add_correction(pred, rng, ritm=ritm)
+        assert click is not None
+        cy, cx, pos = click
+        if pos:
+            assert gt[cy, cx] and not pred[cy, cx]
+        else:
+            assert pred[cy, cx] and not gt[cy, cx]
+
+
+def test_prompt_batch_pads_and_scales():
+    gt = np.zeros((256, 256), bool)
+    gt[10:20, 10:20] = True
+    a, b = ClickState(gt, np.ones_like(gt)), ClickState(gt, np.ones_like(gt))
+    a.clicks = [(15, 12, True), (3, 4, False)]
+    b.clicks = [(11, 11, True)]
+    coords, labels = prompt_batch([a, b], 1024)
+    assert coords.shape == (2, 3, 2)
+    assert labels.tolist() == [[1, 0, -1], [1, -1, -1]]
+    assert coords[0, 0].tolist() == pytest.approx([(12 + 0.5) * 4 - 0.5, (15 + 0.5) * 4 - 0.5])
+
+
+def test_augmentation_is_deterministic_and_keeps_image_and_mask_aligned():
+    rng = np.random.default_rng(0)
+    mask = np.zeros((100, 80), bool)
+    mask[30:70, 20:50] = True
+    image = np.zeros((100, 80, 3), np.uint8)
+    image[mask] = 200
+    p1 = sample_aug(mask, np.random.default_rng(5), colour_jitter=0.0)
+    p2 = sample_aug(mask, np.random.default_rng(5), colour_jitter=0.0)
+    assert p1 == p2 and p1.signature() == p2.signature()
+    for _ in range(10):
+        p = sample_aug(mask, rng, colour_jitter=0.0)
+        img, msk = apply_aug(image, mask, p)
+        assert img.shape[:2] == msk.shape
+        assert np.array_equal(img[..., 0] == 200, msk)
+    img, msk = apply_aug(image, mask, identity(mask.shape))
+    assert np.array_equal(img, image) and np.array_equal(msk, mask)
+
+
+def test_shipped_configs_load():
+    names = {p.stem for p in CONFIGS.glob("*.yaml")}
+    assert {"md", "ie_md", "whole", "refine", "refine_lite", "refine_hq"} <= names
+    for name in names:
+        cfg = load_config(CONFIGS / f"{name}.yaml")
+        assert cfg.name == name
+
+
+def test_bad_configs_are_clear_errors(tmp_path):
+    with pytest.raises(InvalidInputError, match="unknown config key"):
+        config_from_dict({"learning_rate": 1})
+    with pytest.raises(InvalidInputError, match="lr"):
+        config_from_dict({"lr": -1})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("[1, 2")
+    with pytest.raises(InvalidInputError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(NotFoundError):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_one_training_step_lowers_the_loss_on_a_fixed_batch(tmp_path, tiny_model):
+    from histosam.training.trainer import Trainer
+
+    data = write_blob_dataset(tmp_path / "data", n=4)
+    cfg = tiny_config(data, aug_variants=1, max_extra_clicks=0, lr=1e-3, train_prompt_encoder=True)
+    import copy
+
+    trainer = Trainer(cfg, tmp_path / "out", progress=False, model=copy.deepcopy(tiny_model),
+                      cache_dir=tmp_path / "cache")
+    from histosam.training.trainer import set_train_mode
+
+    set_train_mode(trainer.model, cfg)
+    losses = []
+    for _ in range(3):
+        trainer.rng = np.random.default_rng(0)  # same variants and clicks: a fixed batch
+        losses.append(trainer.train_batch([0, 1, 2]))
+    assert losses[1] < losses[0] and losses[2] < losses[1]

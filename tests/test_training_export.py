@@ -1,0 +1,112 @@
+"""Checkpoints reload and export; the refine variants export to ONNX and agree with PyTorch."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from training_helpers import tiny_config, write_blob_dataset  # noqa: E402
+
+
+def _image(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 255, (90, 120, 3)).astype(np.uint8)
+    img[20:60, 30:80] = (200, 60, 150)
+    return img
+
+
+def _agree(model, bundle, n_clicks: int = 3) -> float:
+    from histosam.backend.onnx_predictor import OnnxPredictor
+    from histosam.training.torch_predictor import TorchPredictor
+
+    tp, op = TorchPredictor(model), OnnxPredictor.from_bundle(bundle)
+    img = _image()
+    tp.set_image(img)
+    op.set_image(img)
+    pts = np.array([[50, 40], [100, 10], [40, 30]], np.float32)
+    lab = np.array([1, 0, 1], np.float32)
+    prev_t = prev_o = None
+    worst = 0.0
+    for k in range(1, n_clicks + 1):
+        a = tp.predict(points=pts[:k], labels=lab[:k], mask_logits=prev_t)
+        b = op.predict(points=pts[:k], labels=lab[:k], mask_logits=prev_o)
+        worst = max(worst, float(np.abs(a.low_res_logits - b.low_res_logits).max()))
+        prev_t, prev_o = a.low_res_logits, b.low_res_logits
+    return worst
+
+
+@pytest.mark.slow
+def test_checkpoint_reloads_resumes_and_exports(tmp_path, tiny_model):
+    from histosam.export.exporter import export_bundle
+    from histosam.training.models.loading import load_model_from_source
+    from histosam.training.trainer import train
+
+    data = write_blob_dataset(tmp_path / "data", n=4)
+    cfg = tiny_config(data, decoder={"variant": "refine_hq", "stem_256": 4, "stem_128": 8, "width": 8},
+                      train_prompt_encoder=True, max_steps_per_epoch=2, epochs=1, holdout=1)
+    out = tmp_path / "run"
+    result = train(cfg, out, progress=False, model=copy.deepcopy(tiny_model), cache_dir=tmp_path / "cache")
+    assert (out / "checkpoint.pt").is_file() and (out / "metrics.csv").is_file()
+    assert "internal_noc85" in result["history"][0]
+    # --resume continues after the finished epoch (nothing left to do for epochs=1 -> 2 runs one more).
+    import dataclasses
+
+    more = train(dataclasses.replace(cfg, epochs=2), out, resume=True, progress=False,
+                 model=copy.deepcopy(tiny_model), cache_dir=tmp_path / "cache")
+    assert [r["epoch"] for r in more["history"]] == [1, 2]
+
+    source = {"model": "tiny_sam", "checkpoint": None, "decoder_weights": str(out / "best.safetensors")}
+    model = load_model_from_source(source)
+    assert model.mask_decoder.config["variant"] == "refine_hq"
+    assert model.spec.extra_features == ("hq_stem_256", "hq_stem_128")
+    bundle = tmp_path / "bundle"
+    manifest = export_bundle(source, bundle, model=model, check=False, progress=False)
+    assert (bundle / "decoder_stock.onnx").is_file()
+    assert set(manifest["graphs"]["decoder"]["inputs"]) >= {"hq_stem_256", "hq_stem_128"}
+    assert "hq_stem_256" not in manifest["graphs"]["decoder_stock"]["inputs"]
+    assert _agree(model, bundle) < 1e-3
+    assert json.loads((bundle / "manifest.json").read_text())["extra_features"] == ["hq_stem_256", "hq_stem_128"]
+
+
+@pytest.mark.parametrize("cfg", [
+    {"variant": "refine", "width": 32, "heads": 2},
+    {"variant": "refine_lite", "width": 16, "heads": 2, "attn_pool": 2},
+    {"variant": "refine_hq", "stem_256": 4, "stem_128": 8, "width": 8},
+])
+def test_refine_variants_onnx_parity_on_tiny_sizes(tmp_path, tiny_model, cfg):
+    from histosam.export.exporter import export_bundle
+    from histosam.training.models.decoders import build_decoder
+
+    model = build_decoder(copy.deepcopy(tiny_model), cfg).eval()
+    if cfg["variant"] == "refine_hq":  # a non-zero head so the high-resolution path is exercised
+        torch.nn.init.normal_(model.mask_decoder.head.weight, std=0.5)
+    bundle = tmp_path / "b"
+    export_bundle({"model": "tiny_sam", "checkpoint": None}, bundle, model=model, check=False, progress=False)
+    assert _agree(model, bundle) < 1e-3
+
+
+def test_unknown_variant_is_a_clear_error(tiny_model):
+    from histosam.backend.errors import CheckpointError
+    from histosam.training.models.decoders import build_decoder
+
+    with pytest.raises(CheckpointError, match="unknown decoder variant"):
+        build_decoder(tiny_model, {"variant": "nope"})
+
+
+def test_refine_hq_starts_as_the_stock_decoder(tiny_model):
+    """Zero-initialised head: before training refine_hq predicts exactly what SAM predicts."""
+    from histosam.training.models.decoders import build_decoder
+
+    hq = build_decoder(copy.deepcopy(tiny_model), {"variant": "refine_hq", "width": 8}).eval()
+    x = torch.rand(1, 3, 256, 256)
+    args = (torch.tensor([[[40.0, 50.0], [0.0, 0.0]]]), torch.tensor([[1.0, -1.0]]),
+            torch.zeros(1, 1, 256, 256), torch.tensor([0.0]))
+    with torch.no_grad():
+        a, _ = tiny_model.eval().decode(tiny_model.encode(x), *args)
+        b, _ = hq.decode(hq.encode(x), *args)
+    assert torch.allclose(a, b, atol=1e-5)

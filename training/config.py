@@ -1,0 +1,144 @@
+"""The training configuration: one dataclass, loaded from YAML, checked before any work.
+
+Every knob of ``histosam train`` lives here (no module-level state), so a run is reproduced
+from its YAML alone; the trainer writes the resolved config beside its checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from histosam.backend.errors import InvalidInputError, NotFoundError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class TrainConfig:
+    name: str = "md"
+    base_model: str = "lite_medsam"
+    decoder: dict[str, Any] = field(default_factory=lambda: {"variant": "stock"})
+    # Which parts learn (the paper's md / ie_md / whole; the rest stays frozen).
+    train_image_encoder: bool = False
+    train_prompt_encoder: bool = False
+    train_decoder: bool = True
+    click_disk_radius: float = 0.0
+    # Data: folders with images/ and masks/. ``holdout`` patches per training folder are kept
+    # out of training as an internal validation split; ``val_data`` is never trained on.
+    train_data: list[str] = field(default_factory=lambda: ["../shared/data/patches/ocdc",
+                                                           "../shared/data/patches/ebhi"])
+    holdout: int = 2
+    val_data: list[str] = field(default_factory=lambda: ["../shared/data/patches/glas"])
+    val_fraction: tuple[float, float] | None = (0.2, 0.8)
+    val_limit: int | None = 8
+    val_max_clicks: int = 10
+    val_every: int = 1
+    select_on: str = "internal"  # "internal" (held-out train patches) or a val_data folder name
+    # Schedule (paper defaults).
+    epochs: int = 30
+    lr: float = 5e-4
+    lr_milestones: tuple[int, ...] = (20, 25)
+    lr_gamma: float = 0.1
+    batch_size: int = 4
+    max_steps_per_epoch: int | None = None
+    max_minutes: float | None = None  # stop (checkpointed) after this wall time
+    # Click simulation.
+    max_extra_clicks: int = 3
+    loss_every_round: bool = False
+    box_probability: float = 0.0
+    mask_drop_probability: float = 0.0
+    ritm_click_probability: float = 0.0
+    aux_stock_loss: float = 0.25  # refine_hq: loss on its SAM path too (the stock-interface decoder)
+    # Loss (Normalized Focal Loss).
+    alpha: float = 0.5
+    gamma: float = 2.0
+    # Augmentation: ``aug_variants`` fixed random augmentations per image (variant 0 is the
+    # identity), so the frozen encoder's embedding of each is computed once and cached.
+    aug_variants: int = 4
+    flips: bool = True
+    rot90: bool = True
+    scale_range: tuple[float, float] = (0.6, 1.0)
+    crop_size_px: int | None = None  # native-resolution crops of this size instead of scale_range
+    colour_jitter: float = 0.1
+    # Runtime.
+    seed: int = 0
+    num_threads: int = 2
+    cache_dir: str | None = None  # default: $HISTOSAM_HOME or ~/.cache/histosam, /embeddings
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise InvalidInputError("epochs and batch_size must be at least 1")
+        if self.lr <= 0:
+            raise InvalidInputError(f"lr must be positive, got {self.lr}")
+        if self.max_extra_clicks < 0:
+            raise InvalidInputError("max_extra_clicks must be >= 0")
+        for key in ("box_probability", "mask_drop_probability", "ritm_click_probability"):
+            v = getattr(self, key)
+            if not 0.0 <= v <= 1.0:
+                raise InvalidInputError(f"{key} must be in [0, 1], got {v}")
+        lo, hi = self.scale_range
+        if not 0.0 < lo <= hi <= 1.0:
+            raise InvalidInputError(f"scale_range needs 0 < lo <= hi <= 1, got {self.scale_range}")
+        if self.aug_variants < 1:
+            raise InvalidInputError("aug_variants must be at least 1")
+        if not self.train_data:
+            raise InvalidInputError("train_data is empty")
+        if not (self.train_decoder or self.train_prompt_encoder or self.train_image_encoder):
+            raise InvalidInputError("nothing to train: set train_decoder/train_prompt_encoder/train_image_encoder")
+
+    @property
+    def encoder_frozen(self) -> bool:
+        return not self.train_image_encoder
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve_data_path(path: str) -> Path:
+    """A data folder as given, else relative to the repository root (configs say ../shared)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p
+    env = os.environ.get("HISTOSAM_DATA")
+    if env and "shared/data/" in path:
+        alt = Path(env) / path.split("shared/data/", 1)[1]
+        if alt.is_dir():
+            return alt
+    alt = REPO_ROOT / path
+    if alt.is_dir():
+        return alt.resolve()
+    raise NotFoundError(f"data folder {path} not found (relative to {Path.cwd()} or {REPO_ROOT})")
+
+
+def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
+    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise InvalidInputError(f"unknown config key(s): {', '.join(unknown)}")
+    values = dict(raw)
+    for key in ("val_fraction", "lr_milestones", "scale_range"):
+        if values.get(key) is not None:
+            values[key] = tuple(values[key])
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise NotFoundError(f"config {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InvalidInputError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise InvalidInputError(f"config {path} must be a mapping of keys to values")
+    raw.setdefault("name", path.stem)
+    return config_from_dict(raw)

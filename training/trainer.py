@@ -1,0 +1,525 @@
+"""The training loop: simulated clicks, Normalized Focal Loss, DDP, validation, checkpoints.
+
+Per batch: a random interior first click (optionally a box), then 0..K correction rounds
+without gradients, each clicking on the error of the previous prediction with the previous
+low-res logits as the mask prompt, then one forward with gradients on which the loss is taken
+(``loss_every_round`` takes it on every round instead). Validation runs the evaluator's own
+loop (``histosam.backend.evaluation``: the RITM clicks of ``histosam evaluate``) so the NoC
+selecting the best checkpoint is the number users will measure.
+
+Runs alone or under ``torchrun`` (PyTorch DDP, DistributedSampler; gloo on CPU, nccl on GPU).
+Only rank 0 validates and writes; checkpoints are atomic and ``resume`` continues from the
+last finished epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
+
+from histosam.backend.errors import CheckpointError, InvalidInputError
+from histosam.backend.evaluation import EvalConfig, EvalSample, aggregate, evaluate_predictor, select_samples
+from histosam.training.click_simulation import ClickState, box_of, prompt_batch
+from histosam.training.config import TrainConfig, resolve_data_path
+from histosam.training.data import (
+    EmbeddingCache,
+    Patch,
+    Sample,
+    default_cache_root,
+    load_patches,
+    make_sample,
+    split_records,
+)
+from histosam.training.losses import normalized_focal_loss
+from histosam.training.models.decoder_weights import save_decoder_weights
+from histosam.training.models.sam_model import HistoSam
+from histosam.training.torch_predictor import TorchPredictor
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.safetensors"
+LAST = "last.safetensors"
+METRICS = "metrics.csv"
+
+
+def build_training_model(cfg: TrainConfig, model: HistoSam | None = None) -> HistoSam:
+    """The base model (or ``model``) with the config's decoder variant and click disks."""
+    from histosam.training.models.registry import build_model
+
+    if model is None:
+        model = build_model(cfg.base_model, click_disk_radius=cfg.click_disk_radius)
+    else:
+        model.click_disk_radius = float(cfg.click_disk_radius)
+    variant = cfg.decoder.get("variant", "stock")
+    if variant != "stock":
+        from histosam.training.models.decoders import build_decoder
+
+        model = build_decoder(model, cfg.decoder)
+    return model
+
+
+def trainable_prefixes(cfg: TrainConfig) -> tuple[str, ...]:
+    parts = []
+    if cfg.train_image_encoder:
+        parts.append("image_encoder.")
+    if cfg.train_prompt_encoder:
+        parts.append("prompt_encoder.")
+    if cfg.train_decoder:
+        parts.append("mask_decoder.")
+    return tuple(parts)
+
+
+def set_trainable(model: HistoSam, cfg: TrainConfig) -> list[nn.Parameter]:
+    prefixes = trainable_prefixes(cfg)
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(prefixes))
+        if p.requires_grad:
+            params.append(p)
+    return params
+
+
+def set_train_mode(model: HistoSam, cfg: TrainConfig) -> None:
+    """Train mode for trained parts only: a frozen encoder's BatchNorms must keep their stats."""
+    model.train()
+    if not cfg.train_image_encoder:
+        model.image_encoder.eval()
+    if not cfg.train_prompt_encoder:
+        model.prompt_encoder.eval()
+
+
+class DecodeStep(nn.Module):
+    """The differentiable step DDP wraps: features (cached embedding + trainable extras) -> decode."""
+
+    def __init__(self, model: HistoSam, encoder_frozen: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.encoder_frozen = encoder_frozen
+
+    def features(self, image: torch.Tensor, embedding: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        if embedding is None or not self.encoder_frozen:
+            return self.model.encode(image)
+        feats = {"image_embeddings": embedding}
+        stem = getattr(self.model.mask_decoder, "stem_features", None)
+        if stem is not None:
+            feats.update(stem(image))
+        return feats
+
+    def forward(self, image, embedding, coords, labels, mask_input, has_mask):
+        feats = self.features(image, embedding)
+        return self.model.decode(feats, coords, labels, mask_input, has_mask)
+
+
+class CachedTorchPredictor(TorchPredictor):
+    """TorchPredictor whose frozen image-encoder output comes from the embedding cache.
+
+    Validation re-encodes the same images every epoch; with a frozen encoder that is wasted
+    time. Decoding (and any trainable encoder-side stem) is the live model's.
+    """
+
+    def __init__(self, model: HistoSam, cache: EmbeddingCache, model_sha: str) -> None:
+        super().__init__(model)
+        self.cache = cache
+        self.model_sha = model_sha
+
+    @torch.inference_mode()
+    def set_image(self, image: np.ndarray) -> None:
+        from histosam.backend.transforms import validate_rgb
+
+        image = validate_rgb(image)
+        start = time.perf_counter()
+        x = torch.from_numpy(self.transform.apply_image(image)).to(self.device)
+        key = hashlib.sha256(image.tobytes() + f"|{image.shape}|val|{self.model_sha}".encode()).hexdigest()
+        emb = self.cache.get(key)
+        if emb is None:
+            emb = self.cache.put(key, self.model.image_encoder(x))
+        feats = {"image_embeddings": emb.float().to(self.device)}
+        stem = getattr(self.model.mask_decoder, "stem_features", None)
+        if stem is not None:
+            feats.update(stem(x))
+        self._features = feats
+        self._hw = image.shape[:2]
+        self.last_encode_seconds = time.perf_counter() - start
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def summarise_eval(agg: dict[str, Any]) -> dict[str, float | None]:
+    """The few numbers a metrics row keeps from an evaluator summary."""
+    m = agg["miou_per_click"]
+    return {
+        "noc85": agg["noc"]["85"], "noc90": agg["noc"]["90"],
+        "miou1": m.get("1"), "miou5": m.get("5"), "miou10": m.get("10"),
+        "obey_pos": agg["obedience"]["positive"], "obey_neg": agg["obedience"]["negative"],
+    }
+
+
+class Trainer:
+    """One training run (see the module docstring). ``model`` overrides the registry build (tests)."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True,
+                 model: HistoSam | None = None, cache_dir: Path | None = None) -> None:
+        self.cfg = cfg
+        self.out = Path(out)
+        self.resume = resume
+        self.progress = progress
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.distributed = self.world > 1
+        torch.set_num_threads(max(1, cfg.num_threads))
+        if self.distributed and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend=backend)
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            self.device = torch.device(f"cuda:{local}")
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        torch.manual_seed(cfg.seed)
+        self.model = build_training_model(cfg, model).to(self.device)
+        self.params = set_trainable(self.model, cfg)
+        from histosam.training.models.registry import source_sha256
+
+        base_sha = source_sha256(self.model.spec.name, None) if model is None else None
+        if base_sha is None:  # a seeded or caller-given model: hash its encoder weights
+            h = hashlib.sha256()
+            for k, v in sorted(self.model.image_encoder.state_dict().items()):
+                h.update(k.encode())
+                h.update(v.detach().cpu().numpy().tobytes())
+            base_sha = h.hexdigest()
+        self.model_sha = base_sha
+        self.cache = EmbeddingCache(Path(cache_dir or cfg.cache_dir or default_cache_root()))
+        train_recs, held_recs = split_records(cfg)
+        self.patches: list[Patch] = load_patches(train_recs, cfg)
+        if not self.patches:
+            raise InvalidInputError("no training patch has foreground")
+        self.holdout = [EvalSample(name=r.stem, dataset="internal", mask_path=Path(r.mask_path),
+                                   image_path=Path(r.image_path)) for _, r in held_recs]
+        self.val_sets: dict[str, list[EvalSample]] = {}
+        if self.holdout:
+            self.val_sets["internal"] = self.holdout
+        for folder in cfg.val_data:
+            path = resolve_data_path(folder)
+            sel = select_samples([path], cfg.val_fraction, cfg.val_limit)
+            self.val_sets[path.resolve().name] = sel.samples
+        self.step_module = DecodeStep(self.model, cfg.encoder_frozen)
+        if self.distributed:
+            self.ddp: nn.Module = DistributedDataParallel(self.step_module, find_unused_parameters=True)
+        else:
+            self.ddp = self.step_module
+        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            self.optimizer, milestones=list(cfg.lr_milestones), gamma=cfg.lr_gamma)
+        self.start_epoch = 0
+        self.best: float | None = None
+        self.history: list[dict[str, Any]] = []
+        self.rng = np.random.default_rng([cfg.seed, self.rank])
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self._load_checkpoint()
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        prefixes = trainable_prefixes(self.cfg)
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items() if k.startswith(prefixes)}
+
+    def _load_checkpoint(self) -> None:
+        path = self.out / CHECKPOINT
+        if not path.is_file():
+            raise CheckpointError(f"--resume: no checkpoint at {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise CheckpointError(f"checkpoint {path} could not be read: {exc}") from None
+        if state.get("config", {}).get("decoder") != self.cfg.decoder:
+            raise CheckpointError(f"checkpoint {path} was made with another decoder config")
+        self.model.load_state_dict(state["model"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.start_epoch = int(state["epoch"]) + 1
+        self.best = state.get("best")
+        self.history = list(state.get("history", []))
+
+    def _save_checkpoint(self, epoch: int) -> None:
+        state = {
+            "epoch": epoch, "model": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "best": self.best, "history": self.history,
+            "config": self.cfg.to_dict(),
+        }
+        _atomic_torch_save(state, self.out / CHECKPOINT)
+
+    def _metadata(self, epoch: int, row: dict[str, Any]) -> dict[str, str]:
+        return {"train_config": json.dumps(self.cfg.to_dict()), "epoch": str(epoch),
+                "metrics": json.dumps(row), "base_weights_sha256": self.model_sha}
+
+    # -- data ---------------------------------------------------------------------------------
+    def _sample(self, index: int, variant: int) -> tuple[Sample, torch.Tensor | None]:
+        s = make_sample(self.patches[index], variant, self.transform, self.model_sha)
+        if not self.cfg.encoder_frozen:
+            return s, None
+        emb = self.cache.get(s.key)
+        if emb is None:
+            with torch.no_grad():
+                emb = self.cache.put(s.key, self.model.image_encoder(s.image[None].to(self.device))[0])
+        return s, emb
+
+    @property
+    def transform(self):
+        from histosam.backend.transforms import ImageTransform
+
+        spec = self.model.spec
+        return ImageTransform(spec.input_size, spec.mean, spec.std)
+
+    def fill_cache(self) -> None:
+        """Every (patch, variant) embedding, split over ranks, then a barrier."""
+        if not self.cfg.encoder_frozen:
+            return
+        from tqdm import tqdm
+
+        jobs = [(i, v) for i in range(len(self.patches)) for v in range(self.cfg.aug_variants)]
+        mine = [j for n, j in enumerate(jobs) if n % self.world == self.rank]
+        self.model.image_encoder.eval()
+        for i, v in tqdm(mine, desc="embedding cache", unit="img", disable=not (self.progress and self.rank == 0)):
+            self._sample(i, v)
+        if self.distributed:
+            dist.barrier()
+
+    # -- one batch ----------------------------------------------------------------------------
+    def train_batch(self, indices: list[int]) -> float:
+        cfg = self.cfg
+        rng = self.rng
+        samples, embs = [], []
+        for i in indices:
+            s, e = self._sample(i, int(rng.integers(cfg.aug_variants)))
+            samples.append(s)
+            embs.append(e)
+        states = [ClickState(s.gt, s.valid) for s in samples]
+        for st in states:
+            st.add_first(rng)
+            if cfg.box_probability and rng.random() < cfg.box_probability:
+                st.box = box_of(st.gt, rng)
+        dev = self.device
+        images = torch.stack([s.image for s in samples]).to(dev)
+        emb = torch.stack(embs).float().to(dev) if embs[0] is not None else None
+        gt = torch.from_numpy(np.stack([s.gt for s in samples])[:, None].astype(np.float32)).to(dev)
+        valid = torch.from_numpy(np.stack([s.valid for s in samples])[:, None].astype(np.float32)).to(dev)
+        b = len(samples)
+        prev = torch.zeros(b, 1, 256, 256, device=dev)
+        has = torch.zeros(b, device=dev)
+        n_rounds = int(rng.integers(cfg.max_extra_clicks + 1))
+        size = self.model.spec.input_size
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        with torch.no_grad():
+            feats = self.step_module.features(images, emb)
+        for r in range(n_rounds + 1):
+            last = r == n_rounds
+            coords, labels = (torch.from_numpy(a).to(dev) for a in prompt_batch(states, size))
+            if last or cfg.loss_every_round:
+                sync = nullcontext() if (last or not self.distributed) else self.ddp.no_sync()
+                with sync:
+                    logits, iou = self.ddp(images, emb, coords, labels, prev, has)
+                    loss = self._loss(logits, iou, gt, valid)
+                    if cfg.loss_every_round:
+                        loss = loss / (n_rounds + 1)
+                    loss.backward()
+                total += float(loss.detach())
+                logits = logits.detach()
+            else:
+                with torch.no_grad():
+                    logits, _ = self.model.decode(feats, coords, labels, prev, has)
+            if last:
+                break
+            prev = logits
+            has = torch.ones(b, device=dev)
+            if cfg.mask_drop_probability:
+                drop = torch.from_numpy(rng.random(b) < cfg.mask_drop_probability).to(dev)
+                has = has * (~drop).float()
+            pred = (logits[:, 0] > 0).cpu().numpy()
+            for st, p in zip(states, pred, strict=True):
+                st.add_correction(p, rng, ritm=bool(rng.random() < cfg.ritm_click_probability))
+        self.optimizer.step()
+        return total
+
+    def _loss(self, logits, iou, gt, valid) -> torch.Tensor:
+        cfg = self.cfg
+        loss = normalized_focal_loss(logits, gt, valid, cfg.alpha, cfg.gamma)
+        stock = getattr(self.model.mask_decoder, "last_stock_logits", None)
+        if stock is not None and cfg.aux_stock_loss > 0:
+            loss = loss + cfg.aux_stock_loss * normalized_focal_loss(stock, gt, valid, cfg.alpha, cfg.gamma)
+            self.model.mask_decoder.last_stock_logits = None
+        with torch.no_grad():
+            pred = (logits > 0).float() * valid
+            inter = (pred * gt).sum(dim=(1, 2, 3))
+            union = ((pred + gt) > 0).float().mul(valid).sum(dim=(1, 2, 3)).clamp(min=1)
+            true_iou = (inter / union).unsqueeze(1)
+        return loss + torch.nn.functional.mse_loss(iou, true_iou)
+
+    # -- validation ---------------------------------------------------------------------------
+    def validate(self) -> dict[str, Any]:
+        self.model.eval()
+        predictor: TorchPredictor
+        if self.cfg.encoder_frozen:
+            predictor = CachedTorchPredictor(self.model, self.cache, self.model_sha)
+        else:
+            predictor = TorchPredictor(self.model)
+        ecfg = EvalConfig(max_clicks=self.cfg.val_max_clicks)
+        out = {}
+        for name, samples in self.val_sets.items():
+            results = evaluate_predictor(predictor, samples, ecfg, desc=f"val {name}", progress=False)
+            out[name] = summarise_eval(aggregate(results, ecfg))
+        set_train_mode(self.model, self.cfg)
+        return out
+
+    # -- the run ------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        t_start = time.monotonic()
+        self.fill_cache()
+        if self.rank == 0:
+            _atomic_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        sampler = DistributedSampler(range(len(self.patches)), num_replicas=self.world, rank=self.rank,
+                                     shuffle=True, seed=cfg.seed)
+        stopped = False
+        for epoch in range(self.start_epoch, cfg.epochs):
+            set_train_mode(self.model, cfg)
+            sampler.set_epoch(epoch)
+            order = list(sampler)
+            batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+            if cfg.max_steps_per_epoch:
+                batches = batches[: cfg.max_steps_per_epoch]
+            t0 = time.monotonic()
+            losses = []
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                       disable=not (self.progress and self.rank == 0))
+            for batch in bar:
+                losses.append(self.train_batch(batch))
+                bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+                if cfg.max_minutes is not None and self._agree_stop(time.monotonic() - t_start > cfg.max_minutes * 60):
+                    stopped = True
+                    break
+            self.scheduler.step()
+            row: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else None,
+                                   "lr": self.optimizer.param_groups[0]["lr"], "seconds": time.monotonic() - t0}
+            last_epoch = epoch == cfg.epochs - 1 or stopped
+            if self.rank == 0:
+                if (epoch + 1) % cfg.val_every == 0 or last_epoch:
+                    for name, vals in self.validate().items():
+                        row.update({f"{name}_{k}": v for k, v in vals.items()})
+                self.history.append(row)
+                self._after_epoch(epoch, row)
+            if self.distributed:
+                dist.barrier()
+            if stopped:
+                break
+        return {"history": self.history, "best": self.best, "out": str(self.out), "stopped_early": stopped}
+
+    def _agree_stop(self, mine: bool) -> bool:
+        if not self.distributed:
+            return mine
+        flag = torch.tensor([1.0 if mine else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _after_epoch(self, epoch: int, row: dict[str, Any]) -> None:
+        key = f"{self.cfg.select_on}_noc85"
+        if key not in row and self.cfg.select_on not in self.val_sets:
+            key = next((k for k in row if k.endswith("_noc85")), key)
+        score = row.get(key)
+        meta = self._metadata(epoch + 1, row)
+        save_decoder_weights(self.model, self.out / LAST, include_encoder=self.cfg.train_image_encoder,
+                             extra_metadata=meta)
+        if score is not None and (self.best is None or score < self.best):
+            self.best = float(score)
+            row["best"] = True
+            save_decoder_weights(self.model, self.out / BEST, include_encoder=self.cfg.train_image_encoder,
+                                 extra_metadata=meta)
+        elif not (self.out / BEST).is_file():
+            save_decoder_weights(self.model, self.out / BEST, include_encoder=self.cfg.train_image_encoder,
+                                 extra_metadata=meta)
+        self._save_checkpoint(epoch)
+        self._write_metrics()
+
+    def _write_metrics(self) -> None:
+        keys: list[str] = []
+        for row in self.history:
+            keys += [k for k in row if k not in keys]
+        fd, tmp = tempfile.mkstemp(dir=self.out, suffix=".tmp")
+        with os.fdopen(fd, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.history)
+        os.replace(tmp, self.out / METRICS)
+        try:
+            self._plot()
+        except Exception:  # a plot must never stop a training run
+            pass
+
+    def _plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        ep = [r["epoch"] for r in self.history]
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+        axes[0].plot(ep, [r.get("loss") for r in self.history], "o-")
+        axes[0].set_title("training loss (NFL)")
+        axes[0].set_xlabel("epoch")
+        for key in sorted({k for r in self.history for k in r if k.endswith("_noc85")}):
+            pts = [(r["epoch"], r[key]) for r in self.history if r.get(key) is not None]
+            if pts:
+                axes[1].plot(*zip(*pts, strict=True), "o-", label=key)
+        axes[1].set_title("validation NoC@85 (lower is better)")
+        axes[1].set_xlabel("epoch")
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        tmp = self.out / ".metrics.tmp.png"
+        fig.savefig(tmp, dpi=90)
+        plt.close(fig)
+        os.replace(tmp, self.out / "metrics.png")
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True, **kwargs) -> dict[str, Any]:
+    trainer = Trainer(cfg, out, resume=resume, progress=progress, **kwargs)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
