@@ -14,59 +14,36 @@ torch-based exporter to build one (which needs the ``torch`` extra).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from histosam.backend.bundle import MANIFEST, Bundle, load_bundle
+from histosam.backend.catalog import cached_bundle_path
 from histosam.backend.errors import BundleError, NotFoundError
 from histosam.backend.onnx_predictor import OnnxDecoder, OnnxEncoder, available_providers
 from histosam.backend.transforms import ImageTransform
 
 log = logging.getLogger("histosam.server")
 
-# ensure_bundle("default") writes "<cache>/default-<key>"; the key hashes the source weights.
-DEFAULT_BUNDLE_PREFIX = "default-"
-
-
-def bundle_cache_dir() -> Path:
-    """Where exported bundles are cached; the same rule as histosam.export.exporter (torch-free)."""
-    base = os.environ.get("HISTOSAM_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "histosam"
-    )
-    return Path(base) / "bundles"
-
-
-def cached_default_bundle(cache_dir: Path | None = None) -> Path | None:
-    """The newest cached ``default-*`` bundle, or None.
-
-    The cache key hashes the weights, which only the torch side can compute; several entries
-    mean the default weights changed, and the newest export is the current one.
-    """
-    root = Path(cache_dir) if cache_dir is not None else bundle_cache_dir()
-    if not root.is_dir():
-        return None
-    found = [p for p in root.glob(f"{DEFAULT_BUNDLE_PREFIX}*") if (p / MANIFEST).is_file()]
-    if not found:
-        return None
-    return max(found, key=lambda p: (p / MANIFEST).stat().st_mtime)
-
-
 def default_bundle_path(cache_dir: Path | None = None) -> Path:
-    """The default model's bundle: from the cache, else exported now (needs torch)."""
-    cached = cached_default_bundle(cache_dir)
-    if cached is not None:
-        return cached
+    """The default model's bundle: from the cache, else exported now (needs torch).
+
+    The cache folder's name is computed torch-free from the default weights' sha256, the
+    histosam version and the bundle format (histosam.backend.catalog), so a server never
+    serves an export of other weights.
+    """
+    target = cached_bundle_path("default", cache_dir=cache_dir)
+    if (target / MANIFEST).is_file():
+        return target
     try:
         from histosam.export.exporter import ensure_bundle  # imports torch: only when needed
     except ModuleNotFoundError as exc:
-        root = Path(cache_dir) if cache_dir is not None else bundle_cache_dir()
         raise BundleError(
-            f"no default model bundle in {root} and {exc.name} is not installed to export one: "
+            f"no default model bundle at {target} and {exc.name} is not installed to export one: "
             "run `histosam export --out DIR` where the torch extra is installed and serve with --models DIR"
         ) from None
-    log.info("exporting the default model bundle into %s (first run only)", cache_dir or bundle_cache_dir())
+    log.info("exporting the default model bundle into %s (first run only)", target)
     return ensure_bundle("default", cache_dir=cache_dir)
 
 

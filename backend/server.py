@@ -110,6 +110,9 @@ class ServerSettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     threads: int = 8
+    # RPCs admitted at once (running + queued for a thread); beyond it grpc answers
+    # RESOURCE_EXHAUSTED at once instead of queueing without bound.
+    max_concurrent_rpcs: int = 32
     ort_threads: int | None = None
     prefer_gpu: bool = True
     cache_bytes: int = 1 << 30
@@ -121,7 +124,7 @@ class ServerSettings:
     grace_seconds: float = 5.0
 
     def __post_init__(self) -> None:
-        for name in ("threads", "cache_bytes", "max_sessions", "max_pixels", "max_message_bytes", "max_points"):
+        for name in ("threads", "max_concurrent_rpcs", "cache_bytes", "max_sessions", "max_pixels", "max_message_bytes", "max_points"):
             if int(getattr(self, name)) <= 0:
                 raise InvalidInputError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not (0 <= self.port <= 65535):
@@ -178,7 +181,7 @@ def _coerce(key: str, value: Any) -> Any:
         return tuple(Path(v) for v in items)
     if key in ("models_dir", "token_file", "tls_cert", "tls_key"):
         return Path(value)
-    if key in ("port", "threads", "ort_threads", "cache_bytes", "max_sessions", "max_pixels",
+    if key in ("port", "threads", "max_concurrent_rpcs", "ort_threads", "cache_bytes", "max_sessions", "max_pixels",
                "max_message_bytes", "max_points"):
         try:
             return int(value)
@@ -216,7 +219,7 @@ def _ring_array(values: Sequence[float], what: str) -> np.ndarray:
 class SegmentationServicer(pb_grpc.SegmentationServicer):
     """The four RPCs; state lives in the model store, the embedding cache and the session store."""
 
-    def __init__(self, settings: ServerSettings, models: ModelStore, token_required: bool) -> None:
+    def __init__(self, settings: ServerSettings, models: ModelStore | None, token_required: bool) -> None:
         self.settings = settings
         self.models = models
         self.cache = EmbeddingCache(settings.cache_bytes)
@@ -226,6 +229,8 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
     # -- plumbing
     def _call(self, context: grpc.ServicerContext, name: str, fn: Callable[[], Any]) -> Any:
         """Run ``fn``; map HistosamError to its status, anything else to INTERNAL (logged)."""
+        if self.models is None:  # bound, still loading: the health status says NOT_SERVING
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is still loading its models: retry shortly")
         try:
             return fn()
         except HistosamError as exc:
@@ -302,7 +307,7 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
             frame = Frame(f.origin_x, f.origin_y, f.downsample or 1.0)
         key = hashlib.sha256(f"{signature}|{model.sha256}".encode()).hexdigest()
         embedding, hit = self.cache.get_or_compute(key, lambda: self._encode(model, pixels))
-        session = self.sessions.create(model, embedding, frame)
+        session = self.sessions.create(model, embedding, frame, key)
         log.debug("open %s: %dx%d %s, cache %s", session.session_id, embedding.width, embedding.height,
                   model.name, "hit" if hit else "miss")
         return pb.OpenImageResponse(
@@ -395,9 +400,11 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         for name, value in (("simplify_tolerance", tolerance), ("min_area", min_area)):
             if not (math.isfinite(value) and value >= 0):
                 raise InvalidInputError(f"{name} must be a non-negative number, got {value}")
+        embedding = session.embedding  # a strong reference for this request (NOT_FOUND if evicted)
+        self.cache.get(session.cache_key)  # a click keeps its image's embedding recently used
         prompt = self._prompt(request, session)
         model: LoadedModel = session.model
-        features, hw = session.embedding.features, session.embedding.hw
+        features, hw = embedding.features, embedding.hw
 
         def decode(points, labels, box, mask_logits):
             return model.decoder(features, hw, points, labels, box, mask_logits)
@@ -504,11 +511,15 @@ class SegmentationServer:
         return self.models.providers
 
     def start(self) -> int:
-        """Load models (unless given), bind, serve; returns the bound port."""
+        """Bind, serve, load models (unless given); returns the bound port.
+
+        The port is bound before the models load so that a readiness probe sees the health
+        status NOT_SERVING (and Segmentation calls get UNAVAILABLE) until the default model is
+        loaded and verified; only then does it turn SERVING. A failed load stops the server
+        and raises (``histosam serve`` prints it as one line and exits non-zero).
+        """
         s = self.settings
         token = s.resolve_token()
-        if self.models is None:
-            self.models = ModelStore.load(s.bundle_paths(), s.default_model, s.prefer_gpu, s.ort_threads)
         for root in s.slide_roots:
             if not Path(root).is_dir():
                 raise NotFoundError(f"slide root {root} is not a folder")
@@ -519,17 +530,23 @@ class SegmentationServer:
         ]
         interceptors = [TokenInterceptor(token)] if token else []
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=s.threads, thread_name_prefix="histosam-rpc"),
-                             options=options, interceptors=interceptors)
+                             options=options, interceptors=interceptors,
+                             maximum_concurrent_rpcs=s.max_concurrent_rpcs)
         self.servicer = SegmentationServicer(s, self.models, token_required=bool(token))
         pb_grpc.add_SegmentationServicer_to_server(self.servicer, server)
         self._health = health.HealthServicer()
+        for name in ("", SERVICE_NAME):
+            self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         bind = f"[{s.host}]:{s.port}" if ":" in s.host and not s.host.startswith("[") else f"{s.host}:{s.port}"
         try:
             if s.tls_cert is not None and s.tls_key is not None:
-                creds = grpc.ssl_server_credentials([(Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())])
-                port = server.add_secure_port(bind, creds)
+                try:
+                    pair = (Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())
+                except OSError as exc:
+                    raise NotFoundError(f"cannot read the TLS key or certificate: {exc}") from None
+                port = server.add_secure_port(bind, grpc.ssl_server_credentials([pair]))
             else:
                 port = server.add_insecure_port(bind)
         except (RuntimeError, OSError) as exc:
@@ -538,6 +555,14 @@ class SegmentationServer:
             raise HistosamError(f"cannot listen on {bind} (address in use or not available)")
         server.start()
         self._server, self.port = server, port
+        try:
+            if self.models is None:
+                self.models = ModelStore.load(s.bundle_paths(), s.default_model, s.prefer_gpu, s.ort_threads)
+        except BaseException:
+            self._server.stop(0).wait()
+            self._server = None
+            raise
+        self.servicer.models = self.models
         for name in ("", SERVICE_NAME):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._stop_sweeper.clear()

@@ -7,10 +7,13 @@ Why this shape:
   a *signature* of the pixels (content hash, or slide path + mtime + region) and the model's
   sha256: opening the same image again, from any client, runs no encoder. Concurrent opens of
   one image wait for a single encode instead of each running their own.
-* A session pins the embedding it was opened on (evicting it from the cache never breaks a
-  live session). Sessions are bounded by count (least recently used dropped) and by idle time;
-  a dropped session answers NOT_FOUND and the client re-opens, which is cheap when the
-  embedding is still cached.
+* The cache is the only owner of embeddings; a session holds a *weak* reference to the one it
+  was opened on (and its cache key, so each click keeps the entry recently used). So the bytes
+  of embeddings in memory stay within the cache's budget however many sessions are open: an
+  earlier design pinned one embedding per session, and 128 sessions on distinct LiteMedSAM
+  images then held 512 MiB beyond the budget. When the cache evicts an embedding no click is
+  using, it is freed at once and its sessions answer NOT_FOUND ("re-open"), as do sessions
+  dropped for count (least recently used) or idle time; the clients re-open transparently.
 * Clicks carry all points so far. Each session keeps the low-res logits of every prompt
   *prefix* (points[:k] + box + mask prompt), keyed by a chained hash of that exact prefix, and
   decodes step k with step k-1's logits as the mask prompt, as SAM's interactive loop does
@@ -28,6 +31,7 @@ import secrets
 import struct
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -192,25 +196,46 @@ class StepResult:
 DecodeFn = Callable[[np.ndarray, np.ndarray, "np.ndarray | None", "np.ndarray | None"], tuple[np.ndarray, float]]
 
 
+EVICTED_MESSAGE = (
+    "session {sid!r}: its image embedding was evicted from the server's embedding cache "
+    "(memory budget reached by other images): re-open the image"
+)
+
+
 @dataclass
 class Session:
-    """One opened image: model, pinned embedding, frame and the prompt-prefix history."""
+    """One opened image: model, a weak reference to its embedding, frame and prompt history.
+
+    The reference is weak so that the embedding cache alone decides which embeddings stay in
+    memory (see the module docstring); ``embedding`` raises NotFoundError once it is gone.
+    """
 
     session_id: str
     model: Any  # histosam.backend.models.LoadedModel (kept loose: tests use plain objects)
-    embedding: Embedding
+    embedding_ref: weakref.ref[Embedding]
     frame: Frame
     last_used: float
+    width: int
+    height: int
+    cache_key: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
     history: OrderedDict[bytes, StepResult] = field(default_factory=OrderedDict)
 
     @property
-    def width(self) -> int:
-        return self.embedding.width
+    def alive(self) -> bool:
+        return self.embedding_ref() is not None
 
     @property
-    def height(self) -> int:
-        return self.embedding.height
+    def embedding(self) -> Embedding:
+        """The embedding (a strong reference: hold it for the duration of one request)."""
+        embedding = self.embedding_ref()
+        if embedding is None:
+            raise NotFoundError(EVICTED_MESSAGE.format(sid=self.session_id))
+        return embedding
+
+    @property
+    def history_bytes(self) -> int:
+        return int(sum(r.low_res.nbytes for r in list(self.history.values())))
 
     def _remember(self, key: bytes, result: StepResult) -> None:
         self.history[key] = result
@@ -256,7 +281,8 @@ class Session:
 
 
 class SessionStore:
-    """Sessions by id, thread-safe, dropped after ``idle_seconds`` or beyond ``max_sessions``."""
+    """Sessions by id, thread-safe, dropped after ``idle_seconds``, beyond ``max_sessions``, or
+    when the cache has evicted their embedding."""
 
     def __init__(self, idle_seconds: float, max_sessions: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.idle_seconds = float(idle_seconds)
@@ -269,9 +295,10 @@ class SessionStore:
         with self._lock:
             return len(self._sessions)
 
-    def create(self, model: Any, embedding: Embedding, frame: Frame) -> Session:
+    def create(self, model: Any, embedding: Embedding, frame: Frame, cache_key: str = "") -> Session:
         now = self._clock()
-        session = Session(secrets.token_urlsafe(16), model, embedding, frame, now)
+        session = Session(secrets.token_urlsafe(16), model, weakref.ref(embedding), frame, now,
+                          embedding.width, embedding.height, cache_key)
         with self._lock:
             self._expire(now)
             self._sessions[session.session_id] = session
@@ -291,6 +318,9 @@ class SessionStore:
                     f"session {session_id!r} is unknown or has expired (idle limit {self.idle_seconds:g} s, "
                     "or the server restarted): re-open the image"
                 )
+            if not session.alive:
+                del self._sessions[session_id]
+                raise NotFoundError(EVICTED_MESSAGE.format(sid=session_id))
             session.last_used = now
             self._sessions.move_to_end(session_id)
             return session
@@ -300,12 +330,34 @@ class SessionStore:
             return self._sessions.pop(session_id, None) is not None
 
     def sweep(self) -> int:
-        """Drop idle sessions now; returns how many."""
+        """Drop idle sessions and those whose embedding is gone, now; returns how many."""
         with self._lock:
             return self._expire(self._clock())
 
     def _expire(self, now: float) -> int:
-        stale = [sid for sid, s in self._sessions.items() if now - s.last_used > self.idle_seconds]
+        stale = [sid for sid, s in self._sessions.items()
+                 if now - s.last_used > self.idle_seconds or not s.alive]
         for sid in stale:
             del self._sessions[sid]
         return len(stale)
+
+    def resident_embedding_bytes(self) -> int:
+        """Bytes of the distinct embeddings the sessions can still reach (the memory check).
+
+        They are all in the cache (or in use by a running request), so this stays within the
+        cache budget; tests and the load bench compare the two.
+        """
+        with self._lock:
+            sessions = list(self._sessions.values())
+        seen: dict[int, int] = {}
+        for session in sessions:
+            embedding = session.embedding_ref()
+            if embedding is not None:
+                seen[id(embedding)] = embedding.nbytes
+        return sum(seen.values())
+
+    def history_bytes(self) -> int:
+        """Bytes of the prompt histories (at most HISTORY_LIMIT low-res logits per session)."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        return sum(s.history_bytes for s in sessions)

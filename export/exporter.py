@@ -190,32 +190,19 @@ def export_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("HISTOSAM_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "histosam"
-    )
-    return Path(base) / "bundles"
-
-
 def ensure_bundle(name: str, checkpoint: str | None = None, decoder_weights: str | None = None,
                   cache_dir: Path | None = None) -> Path:
     """The bundle for a model name, exported into the cache on first use.
 
-    Keyed by the source weights' sha256 so new weights never reuse a stale bundle.
+    The folder name carries a key over the source weights, histosam version and bundle
+    format (histosam.backend.catalog.bundle_key), so stale exports are never reused.
     """
-    from histosam.training.models.registry import resolve_source
+    from histosam.backend.catalog import cached_bundle_path, resolve_source
 
-    source = resolve_source(name, checkpoint, decoder_weights)
-    key_parts = [source["model"], source_sha256(source["model"], source.get("checkpoint")) or "seeded"]
-    if source.get("decoder_weights"):
-        key_parts.append(file_sha256(Path(source["decoder_weights"])))
-    import hashlib
-
-    key = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:16]
-    target = (cache_dir or default_cache_dir()) / f"{name}-{key}"
+    target = cached_bundle_path(name, checkpoint, decoder_weights, cache_dir)
     if (target / MANIFEST).is_file():
         return target
-    export_bundle(source, target)
+    export_bundle(resolve_source(name, checkpoint, decoder_weights), target)
     return target
 
 

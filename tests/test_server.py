@@ -23,9 +23,10 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from histosam.backend.catalog import cached_bundle_path
 from histosam.backend.errors import HistosamError, InvalidInputError, NotFoundError
 from histosam.backend.geometry import PolygonXY, mask_to_polygons, polygons_to_mask
-from histosam.backend.models import ModelStore, cached_default_bundle
+from histosam.backend.models import ModelStore, default_bundle_path
 from histosam.backend.server import (
     DEFAULT_MIN_AREA,
     SERVICE_NAME,
@@ -534,16 +535,25 @@ def test_session_store_expires_idle_and_drops_least_recently_used():
     assert len(store) == 1
 
 
-def test_cached_default_bundle_needs_no_torch(tmp_path):
-    assert cached_default_bundle(tmp_path) is None
-    for name, age in (("default-aaaa", 100), ("default-bbbb", 10), ("lite_medsam-cccc", 0)):
-        folder = tmp_path / name
-        folder.mkdir()
-        (folder / "manifest.json").write_text("{}")
-        t = time.time() - age
-        os.utime(folder / "manifest.json", (t, t))
-    (tmp_path / "default-nomanifest").mkdir()
-    assert cached_default_bundle(tmp_path) == tmp_path / "default-bbbb"
+def test_default_bundle_path_is_exact_and_torch_free(tmp_path):
+    """The server finds the default bundle by a key over the weights, computed without torch;
+    a bundle of other weights (another key) is never picked."""
+    import subprocess
+    import sys
+
+    expected = cached_bundle_path("default", cache_dir=tmp_path)
+    (tmp_path / "default-0000000000000000").mkdir(parents=True)
+    ((tmp_path / "default-0000000000000000") / "manifest.json").write_text("{}")
+    expected.mkdir(parents=True)
+    (expected / "manifest.json").write_text("{}")
+    assert default_bundle_path(tmp_path) == expected
+    code = (
+        "import sys; from pathlib import Path; from histosam.backend.models import default_bundle_path; "
+        f"p = default_bundle_path(Path({str(tmp_path)!r})); "
+        "print('TORCH' if 'torch' in sys.modules else 'NO_TORCH', p)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["NO_TORCH", str(expected)]
 
 
 def test_server_process_never_imports_torch(tiny_bundle, image_png, tmp_path):

@@ -104,15 +104,21 @@ def make_sample(patch: Patch, variant: int, transform: ImageTransform, model_sha
 
 
 class EmbeddingCache:
-    """Frozen-encoder embeddings on disk (fp16) with an in-memory copy, keyed by signature."""
+    """Frozen-encoder embeddings on disk with an in-memory copy, keyed by signature.
 
-    def __init__(self, root: Path) -> None:
+    fp16 by default (half the disk and memory; training noise dwarfs the rounding); fp32 for
+    evaluations that must match ``TorchPredictor`` exactly.
+    """
+
+    def __init__(self, root: Path, dtype: torch.dtype = torch.float16) -> None:
         self.root = Path(root)
+        self.dtype = dtype
         self.root.mkdir(parents=True, exist_ok=True)
         self.memory: dict[str, torch.Tensor] = {}
 
     def path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.pt"
+        tag = "" if self.dtype == torch.float16 else f".{str(self.dtype).rsplit('.', 1)[-1]}"
+        return self.root / key[:2] / f"{key}{tag}.pt"
 
     def get(self, key: str) -> torch.Tensor | None:
         if key in self.memory:
@@ -128,7 +134,7 @@ class EmbeddingCache:
         return None
 
     def put(self, key: str, emb: torch.Tensor) -> torch.Tensor:
-        emb = emb.detach().to(torch.float16).contiguous().clone()
+        emb = emb.detach().to(self.dtype).contiguous().clone()
         p = self.path(key)
         p.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")

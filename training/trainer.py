@@ -32,7 +32,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
 from histosam.backend.errors import CheckpointError, InvalidInputError
-from histosam.backend.evaluation import EvalConfig, EvalSample, aggregate, evaluate_predictor, select_samples
+from histosam.backend.evaluation import (
+    EvalConfig,
+    EvalSample,
+    aggregate,
+    evaluate_predictor,
+    select_samples,
+)
 from histosam.training.click_simulation import ClickState, box_of, prompt_batch
 from histosam.training.config import TrainConfig, resolve_data_path
 from histosam.training.data import (

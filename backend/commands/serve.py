@@ -38,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-cert", type=Path, default=S, metavar="F", help="PEM certificate chain (with --tls-key)")
     p.add_argument("--tls-key", type=Path, default=S, metavar="F", help="PEM private key (with --tls-cert)")
     p.add_argument("--threads", type=int, default=S, metavar="N", help="concurrent RPCs (default 8)")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=S, metavar="N",
+                   help="calls admitted at once, running or queued (default 32); more get RESOURCE_EXHAUSTED")
     p.add_argument("--ort-threads", type=int, default=S, metavar="N",
                    help="onnxruntime intra-op threads per session (default: onnxruntime's choice)")
     p.add_argument("--cpu", dest="prefer_gpu", action="store_false", default=S,
@@ -59,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 SETTING_FLAGS = (
     "host", "port", "models", "default_model", "slide_root", "token_file", "tls_cert", "tls_key", "threads",
-    "ort_threads", "prefer_gpu", "cache_bytes", "session_idle_seconds", "max_sessions", "max_pixels",
+    "max_concurrent_rpcs", "ort_threads", "prefer_gpu", "cache_bytes", "session_idle_seconds", "max_sessions", "max_pixels",
     "max_message_bytes", "max_points", "grace_seconds",
 )
 

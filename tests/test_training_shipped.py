@@ -1,0 +1,41 @@
+"""The shipped default fine-tune: present, small, documented, loadable, the default."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from histosam.training.models import registry  # noqa: E402
+
+CARD = registry.SHIPPED_DIR / "MODEL_CARD.md"
+
+
+def test_default_model_is_a_shipped_fine_tune_with_its_weights():
+    assert registry.DEFAULT_MODEL in registry.SHIPPED
+    assert registry.DEFAULT_MODEL in registry.shipped_models()
+    path = registry.shipped_models()[registry.DEFAULT_MODEL]
+    assert path.stat().st_size <= 20 * 1024 * 1024
+    source = registry.resolve_source("default")
+    assert source["model"] == "lite_medsam" and source["decoder_weights"] == str(path)
+    # --model lite_medsam stays the unmodified zero-shot model.
+    assert registry.resolve_source("lite_medsam")["decoder_weights"] is None
+
+
+def test_model_card_names_the_weights_sha256():
+    text = CARD.read_text()
+    for name, path in registry.shipped_models().items():
+        assert path.name in text, name
+        assert registry.file_sha256(path) in text, f"MODEL_CARD.md does not give the sha256 of {path.name}"
+    assert re.search(r"histosam train --config", text)
+
+
+def test_shipped_weights_rebuild_their_decoder_variant():
+    from histosam.training.models.decoder_weights import read_metadata
+
+    for path in registry.shipped_models().values():
+        meta = read_metadata(path)
+        assert meta["base_model"] == "lite_medsam"
+        assert "train_config" in meta and "metrics" in meta
