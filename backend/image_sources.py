@@ -155,12 +155,21 @@ def resolve_slide_path(slide_path: str, roots: Sequence[Path]) -> Path:
     given = Path(slide_path)
     candidates = [given] if given.is_absolute() else [root / given for root in real_roots]
     for candidate in candidates:
-        real = candidate.resolve()  # follows symlinks, collapses ..
-        if not any(real.is_relative_to(root) for root in real_roots):
-            raise PermissionDeniedError(f"slide {slide_path!r} is outside the server's slide roots")
-        if real.is_file():
-            return real
-    raise NotFoundError(f"slide {slide_path!r} does not exist under the server's slide roots")
+        try:
+            real = candidate.resolve()  # follows symlinks, collapses ..
+            if not any(real.is_relative_to(root) for root in real_roots):
+                raise PermissionDeniedError(f"slide {_short(slide_path)!r} is outside the server's slide roots")
+            if real.is_file():
+                return real
+        except (OSError, RuntimeError) as exc:  # name too long, symlink loop, ...
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            raise InvalidInputError(f"slide path {_short(slide_path)!r} cannot be resolved: {reason}") from None
+    raise NotFoundError(f"slide {_short(slide_path)!r} does not exist under the server's slide roots")
+
+
+def _short(text: str, limit: int = 200) -> str:
+    """``text`` cut for an error message (a hostile path may be megabytes long)."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def make_region(
@@ -185,7 +194,17 @@ def make_region(
     if x < 0 or y < 0:
         raise InvalidInputError(f"slide_region origin ({x:g}, {y:g}) is outside the slide")
     path = resolve_slide_path(slide_path, roots)
-    stat = path.stat()
+    # In floats first: width / downsample may overflow to inf, which has no integer size.
+    out_w, out_h = max(1.0, width / downsample), max(1.0, height / downsample)
+    if not (math.isfinite(out_w) and math.isfinite(out_h)) or out_w * out_h > 2.0 * max_pixels:
+        raise ResourceLimitError(
+            f"slide region of {out_w:.6g}x{out_h:.6g} pixels exceeds the server's limit of {max_pixels} "
+            "pixels: use a larger downsample or a smaller region"
+        )
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise NotFoundError(f"slide {_short(slide_path)!r} cannot be read: {exc.strerror}") from None
     region = Region(path, float(x), float(y), float(width), float(height), float(downsample),
                     stat.st_mtime_ns, stat.st_size)
     pixels = region.out_width * region.out_height

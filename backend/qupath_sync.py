@@ -38,6 +38,7 @@ from histosam.backend.geometry import (
     DEFAULT_CLASS_NAME,
     NON_REGION_OBJECT_TYPES,
     UNCLASSIFIED,
+    geojson_to_polygons,
     geometry_polygons,
 )
 
@@ -206,16 +207,34 @@ def merge_predictions_geojson(
     return plan
 
 
-def user_annotations_geojson(source: Path, dest: Path, *, include_predictions: bool = False) -> int:
+def user_annotations_geojson(
+    source: Path,
+    dest: Path,
+    *,
+    include_predictions: bool = False,
+    classes: Sequence[str] = (),
+) -> int:
     """Copy ``source`` to ``dest`` without histosam predictions; the number of features left out.
 
-    Written only when its content changes, so a patch dataset made from ``dest`` can resume
-    (the patch pipeline guards a resume with the annotation file's digest).
+    ``classes`` must all be present among the region annotations kept (checked before
+    anything is written). ``dest`` is written only when its content changes, so a patch
+    dataset made from it can resume (the patch pipeline guards a resume with its digest).
     """
     source, dest = Path(source), Path(dest)
     obj = _load_json(source)
     kind, features = _features_of(obj, source)
     keep = features if include_predictions else [f for f in features if not is_prediction(f)]
+    try:
+        present = sorted({p.class_name for p in geojson_to_polygons(keep)})
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"{source.name}: {exc}") from None
+    unknown = [c for c in classes if c not in present]
+    if unknown:
+        raise InvalidInputError(
+            f"{source.name}: unknown class{'es' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+            f"its region annotations{'' if include_predictions else ' (predictions left out)'} have: "
+            f"{', '.join(map(repr, present)) or 'none'}"
+        )
     text = json.dumps({"type": "FeatureCollection", "features": keep}, indent=1) + "\n"
     if not dest.is_file() or dest.read_text(encoding="utf-8") != text:
         write_atomic(dest, text)
@@ -247,7 +266,7 @@ def export_patches_from_geojson(
     if not out.parent.is_dir():
         raise NotFoundError(f"folder {out.parent} does not exist")
     used = out.with_name(f"{out.name}.annotations.geojson")
-    user_annotations_geojson(geojson, used, include_predictions=include_predictions)
+    user_annotations_geojson(geojson, used, include_predictions=include_predictions, classes=classes)
     config = PatchConfig(slide=Path(slide), annotations=used, out=out, classes=tuple(classes), **patch_options)
     return extract_patches(config, progress=progress, overview=overview)
 
@@ -329,8 +348,8 @@ def import_predictions_into_project(
     copy replaces the project (the original becomes the timestamped backup), so a failure
     half-way leaves the project as it was. Returns the per-image plan and the backup folder.
     """
-    QuPathProject = _paquo_project_class()
     qpproj = _project_file(project)
+    QuPathProject = _paquo_project_class()
     folder = qpproj.parent
     if image is not None and len(geojson_files) != 1:
         raise InvalidInputError("--image goes with exactly one --geojson file")
@@ -379,8 +398,8 @@ def export_patches_from_project(
     **patch_options: Any,
 ) -> list[tuple[str, Any]]:
     """Each chosen image of a project -> ``OUT/<image name>/`` patch dataset (one per slide)."""
-    QuPathProject = _paquo_project_class()
     qpproj = _project_file(project)
+    QuPathProject = _paquo_project_class()
     out = Path(out)
     work: list[tuple[str, Path, list[dict[str, Any]]]] = []
     with QuPathProject(qpproj, mode="r") as qp:

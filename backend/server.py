@@ -70,6 +70,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Segmentation"].full_name
 # Components (and holes) smaller than this many image pixels are dropped (filled) unless the
 # ClickRequest sets min_area: SAM leaves specks of a few pixels around its masks.
 DEFAULT_MIN_AREA = 16.0
+# Mask-prompt polygon vertices may lie outside the image (an annotation larger than the opened
+# region), but not so far that rasterising them overflows (1e308 / downsample = inf).
+MAX_PROMPT_PIXEL_COORD = 1e9
 TOKEN_METADATA_KEYS = ("authorization", "x-histosam-token")
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
@@ -216,6 +219,43 @@ def _ring_array(values: Sequence[float], what: str) -> np.ndarray:
     return arr.reshape(-1, 2)
 
 
+@dataclass(frozen=True)
+class MalformedRequest:
+    """What a request that is no valid protobuf message deserialises to (-> INVALID_ARGUMENT).
+
+    grpc's own deserialiser failure would end the call with INTERNAL, a code that tells the
+    client the server is broken; the bytes are the client's mistake.
+    """
+
+    message_type: str
+    error: str
+
+
+def _lenient_parser(message_class: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError and friends: the client's bytes
+            return MalformedRequest(message_class.DESCRIPTOR.full_name, str(exc)[:200])
+
+    return parse
+
+
+def add_servicer(servicer: SegmentationServicer, server: grpc.Server) -> None:
+    """Like the generated ``add_SegmentationServicer_to_server``, with lenient request parsing."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["Segmentation"].methods:
+        request_class = getattr(pb, method.input_type.name)
+        response_class = getattr(pb, method.output_type.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=_lenient_parser(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 class SegmentationServicer(pb_grpc.SegmentationServicer):
     """The four RPCs; state lives in the model store, the embedding cache and the session store."""
 
@@ -227,8 +267,11 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         self.token_required = token_required
 
     # -- plumbing
-    def _call(self, context: grpc.ServicerContext, name: str, fn: Callable[[], Any]) -> Any:
+    def _call(self, context: grpc.ServicerContext, name: str, fn: Callable[[], Any], request: Any = None) -> Any:
         """Run ``fn``; map HistosamError to its status, anything else to INTERNAL (logged)."""
+        if isinstance(request, MalformedRequest):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{name}: the request is not a valid {request.message_type} message ({request.error})")
         if self.models is None:  # bound, still loading: the health status says NOT_SERVING
             context.abort(grpc.StatusCode.UNAVAILABLE, "the server is still loading its models: retry shortly")
         try:
@@ -243,17 +286,17 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
 
     # -- RPCs
     def GetServerInfo(self, request, context):
-        return self._call(context, "GetServerInfo", self._info)
+        return self._call(context, "GetServerInfo", self._info, request)
 
     def OpenImage(self, request, context):
-        return self._call(context, "OpenImage", lambda: self._open(request))
+        return self._call(context, "OpenImage", lambda: self._open(request), request)
 
     def Click(self, request, context):
-        return self._call(context, "Click", lambda: self._click(request))
+        return self._call(context, "Click", lambda: self._click(request), request)
 
     def CloseImage(self, request, context):
         return self._call(context, "CloseImage",
-                          lambda: pb.CloseImageResponse(closed=self.sessions.close(request.session_id)))
+                          lambda: pb.CloseImageResponse(closed=self.sessions.close(request.session_id)), request)
 
     # -- implementations
     def _info(self) -> pb.GetServerInfoResponse:
@@ -381,6 +424,13 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
             for i, poly in enumerate(polys):
                 ext = _ring_array(poly.exterior, f"mask_prompt_polygons[{i}].exterior")
                 holes = [_ring_array(r.xy, f"mask_prompt_polygons[{i}].holes[{j}]") for j, r in enumerate(poly.holes)]
+                for ring in (ext, *holes):
+                    px = frame.to_pixels(ring)
+                    if not (np.all(np.isfinite(px)) and np.abs(px).max() <= MAX_PROMPT_PIXEL_COORD):
+                        raise InvalidInputError(
+                            f"mask_prompt_polygons[{i}] reaches absurdly far outside the image (beyond "
+                            f"{MAX_PROMPT_PIXEL_COORD:g} image pixels)"
+                        )
                 polygons.append(PolygonXY(ext, holes))
                 for ring in (ext, *holes):
                     digest.update(ring.tobytes() + b"|")
@@ -533,7 +583,7 @@ class SegmentationServer:
                              options=options, interceptors=interceptors,
                              maximum_concurrent_rpcs=s.max_concurrent_rpcs)
         self.servicer = SegmentationServicer(s, self.models, token_required=bool(token))
-        pb_grpc.add_SegmentationServicer_to_server(self.servicer, server)
+        add_servicer(self.servicer, server)
         self._health = health.HealthServicer()
         for name in ("", SERVICE_NAME):
             self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

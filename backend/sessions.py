@@ -315,8 +315,8 @@ class SessionStore:
                 session = None
             if session is None:
                 raise NotFoundError(
-                    f"session {session_id!r} is unknown or has expired (idle limit {self.idle_seconds:g} s, "
-                    "or the server restarted): re-open the image"
+                    f"session {session_id!r} is unknown or was dropped (idle over {self.idle_seconds:g} s, "
+                    "evicted to keep the memory budget, or the server restarted): re-open the image"
                 )
             if not session.alive:
                 del self._sessions[session_id]

@@ -36,6 +36,8 @@ import io.grpc.StatusRuntimeException
 import io.grpc.stub.ClientCalls
 import io.grpc.stub.MetadataUtils
 
+import groovy.transform.CompileStatic
+
 import java.util.concurrent.TimeUnit
 
 /** A failure meant for a person: one clear line; `status` is the gRPC status name or CLIENT. */
@@ -127,7 +129,8 @@ class HistosamSettings {
         if (scriptDir != null) {
             candidates << new File(scriptDir, 'histosam.properties')
         }
-        candidates << new File(new File(System.getProperty('user.home'), '.histosam'), 'qupath.properties')
+        String home = (props.get('user.home') ?: System.getProperty('user.home')) as String
+        candidates << new File(new File(home, '.histosam'), 'qupath.properties')
         return candidates.find { it.isFile() }
     }
 
@@ -373,7 +376,12 @@ class HistosamProtocol {
         Map out = [:]
         msg.descriptorForType.fields.each { Descriptors.FieldDescriptor fd ->
             if (fd.isRepeated()) {
-                out[fd.name] = (msg.getField(fd) as List).collect { plain(it) }
+                List values = msg.getField(fd) as List
+                // Polygons are long lists of doubles: copy scalars as they are (fast path).
+                out[fd.name] = fd.javaType in [Descriptors.FieldDescriptor.JavaType.MESSAGE,
+                                               Descriptors.FieldDescriptor.JavaType.BYTE_STRING,
+                                               Descriptors.FieldDescriptor.JavaType.ENUM] ?
+                        values.collect { plain(it) } : new ArrayList(values)
             } else if (fd.javaType == Descriptors.FieldDescriptor.JavaType.MESSAGE) {
                 out[fd.name] = msg.hasField(fd) ? toMap((Message) msg.getField(fd)) : null
             } else {
@@ -640,13 +648,18 @@ class HistosamGeometry {
         return [x: values[0] as double, y: values[1] as double, positive: values[2] as boolean]
     }
 
+    @CompileStatic  // hot: a mask outline can have tens of thousands of vertices
     static List<List<Double>> pairs(List flat) {
-        if (flat.size() % 2 != 0) {
-            throw new HistosamException("histosam: a ring has an odd number of coordinates (${flat.size()})")
+        int n = flat.size()
+        if (n % 2 != 0) {
+            throw new HistosamException("histosam: a ring has an odd number of coordinates (${n})".toString())
         }
-        List<List<Double>> out = []
-        for (int i = 0; i < flat.size(); i += 2) {
-            out << [(flat[i] as double), (flat[i + 1] as double)]
+        List<List<Double>> out = new ArrayList<List<Double>>(n.intdiv(2) as int)
+        for (int i = 0; i < n; i += 2) {
+            List<Double> pair = new ArrayList<Double>(2)
+            pair.add(((Number) flat.get(i)).doubleValue())
+            pair.add(((Number) flat.get(i + 1)).doubleValue())
+            out.add(pair)
         }
         return out
     }

@@ -26,6 +26,7 @@ import pytest
 from histosam.backend.client import SegmentationClient
 from histosam.backend.geometry import PolygonXY, polygons_to_mask
 from histosam.backend.models import ModelStore
+from histosam.backend.qupath_install import install_scripts
 from histosam.backend.server import SegmentationServer, ServerSettings
 from histosam.v1 import segmentation_pb2 as pb
 
@@ -55,8 +56,10 @@ def _unavailable(why: str):
 
 
 def java_home() -> str | None:
-    candidates = [os.environ.get("JAVA_HOME"), "/usr/lib/jvm/java-17-openjdk-amd64", "/usr/lib/jvm/default-java"]
-    candidates += sorted(str(p) for p in Path("/usr/lib/jvm").glob("*17*")) if Path("/usr/lib/jvm").is_dir() else []
+    """A JDK for Debian's Groovy 2.4: 17 first (what it is tested with), then JAVA_HOME, then any."""
+    jvm = Path("/usr/lib/jvm")
+    found = sorted(str(p) for p in jvm.glob("*")) if jvm.is_dir() else []
+    candidates = [c for c in found if "-17-" in c] + [os.environ.get("JAVA_HOME"), str(jvm / "default-java"), *found]
     return next((c for c in candidates if c and (Path(c) / "bin" / "java").is_file()), None)
 
 
@@ -209,23 +212,23 @@ def results(groovy_env, server, silent_server, images, tmp_path_factory) -> dict
             "mask_prompt_polygons": [{"exterior": [0, 0, 10, 0, 10, 10], "holes": [{"xy": [2, 2, 3, 2, 3, 3]}]}]}},
         {"name": "encode_typo", "kind": "encode", "method": "Click", "request": {"sesion_id": "s-1"}},
         {"name": "session", "kind": "session", **live, "image": str(images["small"]), "frame": list(FRAME), "steps": [
-            {"points": pts},
-            {"points": pts + [list(P2)]},
+            {"points": pts, "min_area": 16},
+            {"points": pts + [list(P2)], "min_area": 16},
             {"points": pts + [list(P2), list(P3)], "want_mask": True},
             {"points": [], "box": list(BOX), "want_mask": True},
-            {"points": pts, "mask_rings": REFINE_RINGS},
-            {"points": pts, "close_first": True},
+            {"points": pts, "mask_rings": REFINE_RINGS, "min_area": 16},
+            {"points": pts, "close_first": True, "min_area": 16},
             {"points": pts, "simplify": 1.0, "min_area": 16},
         ]},
         {"name": "region", "kind": "region_session", **live, "slide": str(images["slide"]), "region": REGION,
-         "settings": {"simplify": 0, "min_area": 0},
+         "settings": {"simplify": 0},
          "updates": [[list(R1)], [list(R1)], [list(R1), list(OUTSIDE)], [list(R1), list(R2)], [list(R2)], []]},
         {"name": "refine", "kind": "region_session", **live, "slide": str(images["slide"]), "region": REGION,
-         "settings": {"simplify": 0, "min_area": 0, "downsample": 2},
+         "settings": {"simplify": 0, "downsample": 2},
          "mask_rings": [{"exterior": [[250, 250], [450, 250], [450, 420], [250, 420]], "holes": []}],
          "updates": [[], [list(R1)], []]},
         {"name": "boxes", "kind": "boxes", **live, "slide": str(images["slide"]),
-         "settings": {"simplify": 0, "min_area": 0},
+         "settings": {"simplify": 0},
          "boxes": [[100, 120, 200, 150], [5000, 5000, 10, 10], [600, 400, 300, 300]]},
         {"name": "channel", "kind": "channel_reuse", **live},
         {"name": "wrong_token", "kind": "error", "server": server.address, "token": "not-the-token"},
@@ -305,12 +308,12 @@ def test_clicks_give_the_python_clients_polygons_and_the_servers_mask(results, p
     assert session.cache_hit  # the Groovy side's image, byte for byte
     pts = [P1]
     expected = [
-        session.click(pts, min_area=0),
-        session.click(pts + [P2], min_area=0),
+        session.click(pts, min_area=16),
+        session.click(pts + [P2], min_area=16),
         session.click(pts + [P2, P3], min_area=0, want_mask=True),
         session.click([], box=BOX, min_area=0, want_mask=True),
-        session.click(pts, min_area=0, mask_prompt_polygons=rings_to_polygons(REFINE_RINGS)),
-        session.click(pts, min_area=0),
+        session.click(pts, min_area=16, mask_prompt_polygons=rings_to_polygons(REFINE_RINGS)),
+        session.click(pts, min_area=16),
         session.click(pts, min_area=16, simplify_tolerance=1.0),
     ]
     for i, (got, want) in enumerate(zip(steps, expected, strict=True)):
@@ -346,7 +349,7 @@ def test_region_session_tracks_points_undo_and_the_pixel_limit(results, python_c
     assert u[5]["cleared"] and u[5]["rings"] == []
     session = python_client.open_image(Path(sent["file"]).read_bytes(), frame=frame)
     for i, points in ((0, [R1]), (3, [R1, R2]), (4, [R2])):
-        want = session.click(points, min_area=0)
+        want = session.click(points, min_area=16)
         assert groovy_lists(u[i]["rings"]) == as_lists(want.polygons), f"update {i}"
     assert u[0]["rings"]
 
@@ -361,7 +364,7 @@ def test_refine_sends_the_shape_and_restores_it_without_points(results, python_c
     assert u[2]["restored"] and u[2]["rings"] == mask_rings
     session = python_client.open_image(Path(sent["file"]).read_bytes(),
                                        frame=(sent["origin_x"], sent["origin_y"], sent["downsample"]))
-    want = session.click([R1], min_area=0, mask_prompt_polygons=rings_to_polygons(mask_rings))
+    want = session.click([R1], min_area=16, mask_prompt_polygons=rings_to_polygons(mask_rings))
     assert groovy_lists(u[1]["rings"]) == as_lists(want.polygons)
 
 
@@ -377,7 +380,7 @@ def test_batch_boxes_one_region_each_and_a_bad_box_does_not_stop_the_rest(result
         assert region["x"] == max(0, np.floor(x - 0.25 * w)) and region["width"] <= 1.5 * w + 2
         frame = (sent["origin_x"], sent["origin_y"], sent["downsample"])
         session = python_client.open_image(Path(sent["file"]).read_bytes(), frame=frame)
-        want = session.click([], box=(x, y, x + w, y + h), min_area=0)
+        want = session.click([], box=(x, y, x + w, y + h), min_area=16)
         assert groovy_lists(result["rings"]) == as_lists(want.polygons)
         assert result["predicted_iou"] == pytest.approx(want.predicted_iou, abs=1e-6)
 
@@ -434,10 +437,11 @@ def test_geometry_and_prompt_helpers(results):
     assert steps[5]["points"][-1] == [5, 5, True]
 
 
-def test_ping_exits_non_zero_with_one_line_when_the_server_is_down(groovy_env):
+def test_installed_scripts_exit_non_zero_with_one_line_when_the_server_is_down(groovy_env, tmp_path):
+    installed = install_scripts(tmp_path / "scripts").dest  # the layout a QuPath user gets
     dead = f"127.0.0.1:{free_port()}"
     t0 = time.perf_counter()
-    proc = run_groovy(groovy_env, "--ping", str(SCRIPTS), dead, timeout=120)
+    proc = run_groovy(groovy_env, "--ping", str(installed), dead, timeout=120)
     assert proc.returncode == 1, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "not reachable" in lines[0] and dead in lines[0]
@@ -447,7 +451,7 @@ def test_ping_exits_non_zero_with_one_line_when_the_server_is_down(groovy_env):
 
 @pytest.mark.slow
 def test_real_lite_medsam_through_groovy(groovy_env, lite_bundle, data_dir, tmp_path):
-    """The real default model: a tumour click on a real OCDC patch, Groovy vs Python."""
+    """The real default model: a click on tumour in a real OCDC patch, Groovy vs Python."""
     image = sorted((data_dir / "patches" / "ocdc" / "images").glob("*"))[0]
     truth = cv2.imread(str(sorted((data_dir / "patches" / "ocdc" / "masks").glob("*"))[0]), cv2.IMREAD_GRAYSCALE) > 127
     ys, xs = np.nonzero(cv2.erode(truth.astype(np.uint8), np.ones((25, 25), np.uint8)))
@@ -465,5 +469,4 @@ def test_real_lite_medsam_through_groovy(groovy_env, lite_bundle, data_dir, tmp_
     assert groovy_lists(step["rings"]) == as_lists(want.polygons)
     mask = cv2.imread(step["mask"], cv2.IMREAD_UNCHANGED) > 0
     assert np.array_equal(polygons_to_mask(rings_to_polygons(step["rings"]), mask.shape), mask)
-    inter, union = np.logical_and(mask, truth).sum(), np.logical_or(mask, truth).sum()
-    assert mask[int(click[1]), int(click[0])] and inter / union > 0.3
+    assert mask.any() and step["mask_pixels"] == mask.sum()  # the model's quality is evaluate's business

@@ -265,7 +265,7 @@ class Trainer:
         if not path.is_file():
             raise CheckpointError(f"--resume: no checkpoint at {path}")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise CheckpointError(f"checkpoint {path} could not be read: {exc}") from None
         if state.get("config", {}).get("decoder") != self.cfg.decoder:
@@ -280,7 +280,9 @@ class Trainer:
     def _save_checkpoint(self, epoch: int) -> None:
         state = {
             "epoch": epoch, "model": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "best": self.best, "history": self.history,
+            "scheduler": self.scheduler.state_dict(), "best": self.best,
+            # Plain JSON values (numpy scalars -> float), so resume loads with weights_only=True.
+            "history": json.loads(json.dumps(self.history, default=float)),
             "config": self.cfg.to_dict(),
         }
         _atomic_torch_save(state, self.out / CHECKPOINT)

@@ -15,6 +15,7 @@ import importlib
 BENCHES: dict[str, str] = {
     "patches": "histosam.backend.commands.patches:register_bench",
     "serve": "histosam.backend.bench_serve:register_bench",
+    "load": "histosam.backend.bench_load:register_bench",
     "decoders": "histosam.training.bench_decoders:register_bench",
     "predictor": "histosam.export.bench_predictor:register_bench",
 }
