@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     rng = np.random.default_rng(0)
 
     times: dict[str, list[float]] = {"torch_encoder": [], "onnx_encoder": [], "torch_decoder": [], "onnx_decoder": []}
-    for predictor, key in ((tp, "torch"), (op, "onnx")):  # warm-up, not timed
+    for predictor in (tp, op):  # warm-up, not timed
         predictor.set_image(image)
         predictor.predict([[w / 2, h / 2]], [1])
     for _ in range(args.encodes):
