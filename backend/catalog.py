@@ -105,5 +105,5 @@ def bundle_cache_dir() -> Path:
 
 def cached_bundle_path(name: str, checkpoint=None, decoder_weights=None, cache_dir: Path | None = None) -> Path:
     """Where ``ensure_bundle`` puts (or finds) the bundle of this exact source."""
-    source = resolve_source(name, checkpoint, decoder_weights)
-    return (cache_dir or bundle_cache_dir()) / f"{name}-{bundle_key(source)}"
+    source = resolve_source(name, checkpoint, decoder_weights)  # "default" -> the model it names
+    return (cache_dir or bundle_cache_dir()) / f"{source['name']}-{bundle_key(source)}"

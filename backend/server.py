@@ -116,6 +116,10 @@ class ServerSettings:
     # RPCs admitted at once (running + queued for a thread); beyond it grpc answers
     # RESOURCE_EXHAUSTED at once instead of queueing without bound.
     max_concurrent_rpcs: int = 32
+    # Image encodes running at once. Each holds the encoder's working memory (LiteMedSAM on
+    # CPU: ~300 MB), which the embedding cache budget does not cover: 8 clients opening at once
+    # took the server from 0.2 to 3 GB. Others wait their turn (their clicks do not).
+    max_concurrent_encodes: int = 2
     ort_threads: int | None = None
     prefer_gpu: bool = True
     cache_bytes: int = 1 << 30
@@ -127,7 +131,7 @@ class ServerSettings:
     grace_seconds: float = 5.0
 
     def __post_init__(self) -> None:
-        for name in ("threads", "max_concurrent_rpcs", "cache_bytes", "max_sessions", "max_pixels", "max_message_bytes", "max_points"):
+        for name in ("threads", "max_concurrent_rpcs", "max_concurrent_encodes", "cache_bytes", "max_sessions", "max_pixels", "max_message_bytes", "max_points"):
             if int(getattr(self, name)) <= 0:
                 raise InvalidInputError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not (0 <= self.port <= 65535):
@@ -184,7 +188,7 @@ def _coerce(key: str, value: Any) -> Any:
         return tuple(Path(v) for v in items)
     if key in ("models_dir", "token_file", "tls_cert", "tls_key"):
         return Path(value)
-    if key in ("port", "threads", "max_concurrent_rpcs", "ort_threads", "cache_bytes", "max_sessions", "max_pixels",
+    if key in ("port", "threads", "max_concurrent_rpcs", "max_concurrent_encodes", "ort_threads", "cache_bytes", "max_sessions", "max_pixels",
                "max_message_bytes", "max_points"):
         try:
             return int(value)
@@ -264,6 +268,7 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         self.models = models
         self.cache = EmbeddingCache(settings.cache_bytes)
         self.sessions = SessionStore(settings.session_idle_seconds, settings.max_sessions)
+        self._encode_slots = threading.BoundedSemaphore(settings.max_concurrent_encodes)
         self.token_required = token_required
 
     # -- plumbing
@@ -349,7 +354,7 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
             f = request.frame
             frame = Frame(f.origin_x, f.origin_y, f.downsample or 1.0)
         key = hashlib.sha256(f"{signature}|{model.sha256}".encode()).hexdigest()
-        embedding, hit = self.cache.get_or_compute(key, lambda: self._encode(model, pixels))
+        embedding, hit = self.cache.get_or_compute(key, lambda: self._encode_in_turn(model, pixels))
         session = self.sessions.create(model, embedding, frame, key)
         log.debug("open %s: %dx%d %s, cache %s", session.session_id, embedding.width, embedding.height,
                   model.name, "hit" if hit else "miss")
@@ -360,6 +365,10 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
             model_sha256=model.sha256,
             decode_image_seconds=0.0 if hit else embedding.decode_image_seconds,
         )
+
+    def _encode_in_turn(self, model: LoadedModel, pixels: Callable[[], np.ndarray]) -> Embedding:
+        with self._encode_slots:  # bounds the decode + encoder working memory
+            return self._encode(model, pixels)
 
     @staticmethod
     def _encode(model: LoadedModel, pixels: Callable[[], np.ndarray]) -> Embedding:

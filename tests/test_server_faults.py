@@ -17,7 +17,6 @@ import threading
 import time
 import tracemalloc
 import zlib
-from pathlib import Path
 
 import cv2
 import grpc
@@ -33,7 +32,6 @@ from histosam.backend.models import LoadedModel, ModelStore
 from histosam.backend.server import SERVICE_NAME, SegmentationServer, ServerSettings
 from histosam.v1 import segmentation_pb2 as pb
 from histosam.v1 import segmentation_pb2_grpc as pb_grpc
-
 
 
 def png(rgb: np.ndarray) -> bytes:

@@ -40,6 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=S, metavar="N", help="concurrent RPCs (default 8)")
     p.add_argument("--max-concurrent-rpcs", type=int, default=S, metavar="N",
                    help="calls admitted at once, running or queued (default 32); more get RESOURCE_EXHAUSTED")
+    p.add_argument("--max-concurrent-encodes", type=int, default=S, metavar="N",
+                   help="image encodes running at once (default 2): bounds the encoder's working memory")
     p.add_argument("--ort-threads", type=int, default=S, metavar="N",
                    help="onnxruntime intra-op threads per session (default: onnxruntime's choice)")
     p.add_argument("--cpu", dest="prefer_gpu", action="store_false", default=S,
@@ -61,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 SETTING_FLAGS = (
     "host", "port", "models", "default_model", "slide_root", "token_file", "tls_cert", "tls_key", "threads",
-    "max_concurrent_rpcs", "ort_threads", "prefer_gpu", "cache_bytes", "session_idle_seconds", "max_sessions", "max_pixels",
+    "max_concurrent_rpcs", "max_concurrent_encodes", "ort_threads", "prefer_gpu", "cache_bytes", "session_idle_seconds", "max_sessions", "max_pixels",
     "max_message_bytes", "max_points", "grace_seconds",
 )
 
