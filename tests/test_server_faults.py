@@ -315,3 +315,21 @@ def test_health_turns_serving_only_once_the_models_are_loaded(tiny_bundle, monke
         gate.set()
         starter.join(60)
         srv.stop(0)
+
+
+@pytest.mark.slow
+def test_the_load_bench_runs_clean_against_a_server_process(tiny_bundle, tmp_path):
+    """`histosam bench load` end to end on the tiny model: a server process, no errors, figures."""
+    import json
+
+    from histosam.backend.cli import main
+
+    out = tmp_path / "load.json"
+    rc = main(["bench", "load", "--clients", "3", "--clicks", "4", "--models", str(tiny_bundle), "--cpu",
+               "--ort-threads", "1", "--threads", "2", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert rc == 0 and result["errors"] == 0 and result["clicks"] == 12
+    assert result["clicks_per_second"] > 0 and 0 < result["click_latency"]["p50_ms"] <= result["click_latency"]["p99_ms"]
+    assert result["server_peak_rss_bytes"] >= result["server_rss_ready_bytes"] > 0
+    assert result["server_cache_entries"] == 3 and result["model"] == "tiny_sam"
+    assert out.with_suffix(".png").stat().st_size > 0
