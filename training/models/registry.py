@@ -21,12 +21,16 @@ from histosam.backend.catalog import (  # noqa: F401  (re-exported: one import s
     lite_medsam_weights,
     resolve_source,
     shipped_dir,
+    shipped_models,
 )
 from histosam.backend.catalog import sha256_file as file_sha256  # noqa: F401
 from histosam.backend.catalog import weights_sha256 as source_sha256  # noqa: F401
 from histosam.backend.errors import CheckpointError, NotFoundError
 from histosam.training.models.sam_model import HistoSam, ModelSpec
 
+# The shipped fine-tunes' folder (training/weights). Shipped names and the default model are
+# declared in histosam.backend.catalog (torch-free, so the server can resolve them).
+SHIPPED_DIR = shipped_dir()
 SAM_MEAN = (123.675, 116.28, 103.53)
 SAM_STD = (58.395, 57.12, 57.375)
 UNIT_MEAN = (0.0, 0.0, 0.0)
