@@ -138,6 +138,7 @@ def test_info_reports_models_providers_and_limits(stub, models):
     assert info.providers[-1] == "CPUExecutionProvider"
     assert info.limits.max_pixels == MAX_PIXELS and info.limits.max_points == MAX_POINTS
     assert info.limits.max_message_bytes == MAX_MESSAGE
+    assert info.limits.max_concurrent_rpcs > 0 and info.limits.max_concurrent_encodes > 0
     assert info.version and not info.token_required and info.slides_enabled
 
 

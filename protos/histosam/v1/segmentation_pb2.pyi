@@ -23,20 +23,24 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., input_size: _Optional[int] = ..., is_default: _Optional[bool] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_pixels", "max_message_bytes", "max_points", "session_idle_seconds", "cache_bytes", "max_sessions")
+    __slots__ = ("max_pixels", "max_message_bytes", "max_points", "session_idle_seconds", "cache_bytes", "max_sessions", "max_concurrent_rpcs", "max_concurrent_encodes")
     MAX_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_POINTS_FIELD_NUMBER: _ClassVar[int]
     SESSION_IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_RPCS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_ENCODES_FIELD_NUMBER: _ClassVar[int]
     max_pixels: int
     max_message_bytes: int
     max_points: int
     session_idle_seconds: float
     cache_bytes: int
     max_sessions: int
-    def __init__(self, max_pixels: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_points: _Optional[int] = ..., session_idle_seconds: _Optional[float] = ..., cache_bytes: _Optional[int] = ..., max_sessions: _Optional[int] = ...) -> None: ...
+    max_concurrent_rpcs: int
+    max_concurrent_encodes: int
+    def __init__(self, max_pixels: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_points: _Optional[int] = ..., session_idle_seconds: _Optional[float] = ..., cache_bytes: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., max_concurrent_encodes: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("version", "models", "default_model", "providers", "limits", "token_required", "slides_enabled", "open_sessions", "cache_used_bytes", "cache_entries")
