@@ -23,10 +23,12 @@ BUNDLE_FORMAT = "histosam-bundle/1"
 BASE_MODELS: tuple[str, ...] = ("lite_medsam", "mobile_sam", "vit_b", "vit_l", "vit_h", "tiny_sam")
 NEEDS_CHECKPOINT: frozenset[str] = frozenset({"mobile_sam", "vit_b", "vit_l", "vit_h"})
 
-# Fine-tunes shipped in training/weights: name -> (base model, weights file name).
-SHIPPED: dict[str, tuple[str, str]] = {}
+# Fine-tunes shipped in training/weights (see its MODEL_CARD.md): name -> (base, file).
+SHIPPED: dict[str, tuple[str, str]] = {
+    "lite_medsam_histo": ("lite_medsam", "lite_medsam_histo.safetensors"),
+}
 # What `histosam serve` and `histosam export` use when no model is named.
-DEFAULT_MODEL = "lite_medsam"
+DEFAULT_MODEL = "lite_medsam_histo"
 
 
 def shipped_dir() -> Path:
