@@ -104,11 +104,15 @@ def bundle_key(source: dict[str, Any]) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def bundle_cache_dir() -> Path:
-    base = os.environ.get("HISTOSAM_HOME") or os.path.join(
+def histosam_home() -> Path:
+    """$HISTOSAM_HOME, else $XDG_CACHE_HOME/histosam (~/.cache/histosam): bundles, embeddings."""
+    return Path(os.environ.get("HISTOSAM_HOME") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "histosam"
-    )
-    return Path(base) / "bundles"
+    ))
+
+
+def bundle_cache_dir() -> Path:
+    return histosam_home() / "bundles"
 
 
 def cached_bundle_path(name: str, checkpoint=None, decoder_weights=None, cache_dir: Path | None = None) -> Path:

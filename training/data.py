@@ -135,21 +135,26 @@ class EmbeddingCache:
 
     def put(self, key: str, emb: torch.Tensor) -> torch.Tensor:
         emb = emb.detach().to(self.dtype).contiguous().clone()
-        p = self.path(key)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(emb, tmp)
-            os.replace(tmp, p)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_torch_save(emb, self.path(key))
         self.memory[key] = emb
         return emb
 
 
 def default_cache_root() -> Path:
-    base = os.environ.get("HISTOSAM_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "histosam")
-    return Path(base) / "embeddings"
+    from histosam.backend.catalog import histosam_home
+
+    return histosam_home() / "embeddings"
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """torch.save into a temp file beside ``path``, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

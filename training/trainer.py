@@ -45,6 +45,7 @@ from histosam.training.data import (
     EmbeddingCache,
     Patch,
     Sample,
+    atomic_torch_save,
     default_cache_root,
     load_patches,
     make_sample,
@@ -161,17 +162,6 @@ class CachedTorchPredictor(TorchPredictor):
         self.last_encode_seconds = time.perf_counter() - start
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _atomic_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
@@ -285,7 +275,7 @@ class Trainer:
             "history": json.loads(json.dumps(self.history, default=float)),
             "config": self.cfg.to_dict(),
         }
-        _atomic_torch_save(state, self.out / CHECKPOINT)
+        atomic_torch_save(state, self.out / CHECKPOINT)
 
     def _metadata(self, epoch: int, row: dict[str, Any]) -> dict[str, str]:
         return {"train_config": json.dumps(self.cfg.to_dict()), "epoch": str(epoch),
