@@ -15,19 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from histosam.backend.catalog import sha256_file
 from histosam.backend.errors import BundleError
 from histosam.backend.transforms import ImageTransform
 
 MANIFEST = "manifest.json"
 FORMAT = "histosam-bundle/1"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:

@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from histosam.backend.errors import CheckpointError
-from histosam.training.models.sam_model import HistoSam
+from histosam.training.models.sam_model import HistoSam, run_two_way
 
 VARIANTS = ("refine", "refine_lite", "refine_hq")
 HQ_FEATURES = ("hq_stem_256", "hq_stem_128")
@@ -115,15 +115,7 @@ class _SamParts(nn.Module):
         self.iou_prediction_head = stock.iou_prediction_head
 
     def run_transformer(self, image_embeddings, image_pe, sparse, dense):
-        b = sparse.shape[0]
-        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
-        src = image_embeddings.expand(b, -1, -1, -1) + dense
-        pos_src = image_pe.expand(b, -1, -1, -1)
-        _, c, h, w = src.shape
-        hs, src = self.transformer(src, pos_src, tokens)
-        iou = self.iou_prediction_head(hs[:, 0, :])[:, :1]
-        return hs, src.transpose(1, 2).reshape(b, c, h, w), iou
+        return run_two_way(self, image_embeddings, image_pe, sparse, dense)
 
 
 class RefineDecoder(_SamParts):

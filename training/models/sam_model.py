@@ -73,25 +73,8 @@ class HistoSam(nn.Module):
             emb = emb + pe.point_embeddings[i].weight * (lab == i)
         return emb
 
-    def click_disks(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Clicks as +1/-1 disks on the 256x256 low-res grid, (B, 1, 256, 256)."""
-        size = self.prompt_encoder.mask_input_size[0]
-        scale = size / self.spec.input_size
-        grid = (torch.arange(size, dtype=coords.dtype, device=coords.device) + 0.5) / scale
-        yy = grid.view(1, 1, size, 1)
-        xx = grid.view(1, 1, 1, size)
-        cx = coords[..., 0].unsqueeze(-1).unsqueeze(-1)
-        cy = coords[..., 1].unsqueeze(-1).unsqueeze(-1)
-        r = self.click_disk_radius / scale
-        inside = (((xx - cx) ** 2 + (yy - cy) ** 2) <= r * r).to(coords.dtype)  # (B, N, S, S)
-        pos = inside * (labels == 1).to(coords.dtype).unsqueeze(-1).unsqueeze(-1)
-        neg = inside * (labels == 0).to(coords.dtype).unsqueeze(-1).unsqueeze(-1)
-        disk = pos.amax(dim=1, keepdim=True) - neg.amax(dim=1, keepdim=True)
-        return disk
-
-    def prompt_maps(self, coords: torch.Tensor, labels: torch.Tensor, mask_input: torch.Tensor,
-                    has_mask_input: torch.Tensor, radius: float) -> torch.Tensor:
-        """(B, 3, 256, 256): positive disks, negative disks, previous mask probability (0 if none).
+    def _disks(self, coords: torch.Tensor, labels: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positive and negative click disks on the 256x256 low-res grid, each (B, 1, 256, 256).
 
         ``radius`` is in input-frame pixels. Trace-friendly (tensor ops only).
         """
@@ -102,9 +85,27 @@ class HistoSam(nn.Module):
         xx = grid.view(1, 1, 1, size)
         cx = coords[..., 0].unsqueeze(-1).unsqueeze(-1)
         cy = coords[..., 1].unsqueeze(-1).unsqueeze(-1)
-        inside = (((xx - cx) ** 2 + (yy - cy) ** 2) <= radius * radius).to(coords.dtype)
+        inside = (((xx - cx) ** 2 + (yy - cy) ** 2) <= radius * radius).to(coords.dtype)  # (B, N, S, S)
         pos = (inside * (labels == 1).to(coords.dtype).unsqueeze(-1).unsqueeze(-1)).amax(dim=1, keepdim=True)
         neg = (inside * (labels == 0).to(coords.dtype).unsqueeze(-1).unsqueeze(-1)).amax(dim=1, keepdim=True)
+        return pos, neg
+
+    def click_disks(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Clicks as +1/-1 disks on the 256x256 low-res grid, (B, 1, 256, 256).
+
+        ``click_disk_radius`` is in low-res pixels.
+        """
+        scale = self.prompt_encoder.mask_input_size[0] / self.spec.input_size
+        pos, neg = self._disks(coords, labels, self.click_disk_radius / scale)
+        return pos - neg
+
+    def prompt_maps(self, coords: torch.Tensor, labels: torch.Tensor, mask_input: torch.Tensor,
+                    has_mask_input: torch.Tensor, radius: float) -> torch.Tensor:
+        """(B, 3, 256, 256): positive disks, negative disks, previous mask probability (0 if none).
+
+        ``radius`` is in input-frame pixels. Trace-friendly (tensor ops only).
+        """
+        pos, neg = self._disks(coords, labels, radius)
         prev = torch.sigmoid(mask_input) * has_mask_input.reshape(-1, 1, 1, 1)
         return torch.cat([pos, neg, prev], dim=1)
 
@@ -151,6 +152,30 @@ class HistoSam(nn.Module):
         return self.decode(self.encode(image), point_coords, point_labels, mask_input, has_mask_input)
 
 
+def run_two_way(
+    decoder: nn.Module,
+    image_embeddings: torch.Tensor,
+    image_pe: torch.Tensor,
+    sparse: torch.Tensor,
+    dense: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SAM's two-way transformer with one prompt set per image.
+
+    ``decoder`` has SAM's iou_token, mask_tokens, transformer and iou_prediction_head.
+    Returns the token outputs (B, T, C), the image features as (B, C, 64, 64), and the
+    predicted IoU of token 0 (B, 1).
+    """
+    b = sparse.shape[0]
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
+    src = image_embeddings.expand(b, -1, -1, -1) + dense
+    pos_src = image_pe.expand(b, -1, -1, -1)
+    _, c, h, w = src.shape
+    hs, src = decoder.transformer(src, pos_src, tokens)
+    iou = decoder.iou_prediction_head(hs[:, 0, :])[:, :1]
+    return hs, src.transpose(1, 2).reshape(b, c, h, w), iou
+
+
 def stock_predict_single(
     decoder: nn.Module,
     image_embeddings: torch.Tensor,
@@ -163,20 +188,12 @@ def stock_predict_single(
     The stock method repeats each image once per prompt set (``repeat_interleave``), which
     pairs images and prompts wrongly for a batch of B images with one prompt set each.
     """
-    b = sparse.shape[0]
-    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
-    src = image_embeddings.expand(b, -1, -1, -1) + dense
-    pos_src = image_pe.expand(b, -1, -1, -1)
-    _, c, h, w = src.shape
-    hs, src = decoder.transformer(src, pos_src, tokens)
-    iou_token_out = hs[:, 0, :]
+    hs, src, iou = run_two_way(decoder, image_embeddings, image_pe, sparse, dense)
     mask_token_out = hs[:, 1, :]
-    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+    upscaled = decoder.output_upscaling(src)
     hyper = decoder.output_hypernetworks_mlps[0](mask_token_out)
     bb, cc, hh, ww = upscaled.shape
     masks = (hyper.unsqueeze(1) @ upscaled.reshape(bb, cc, hh * ww)).reshape(bb, 1, hh, ww)
-    iou = decoder.iou_prediction_head(iou_token_out)[:, :1]
     return masks, iou
 
 
