@@ -80,52 +80,66 @@ def ring_area(ring: np.ndarray) -> float:
 
 def _ring_neighbours(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Index of the next and previous point within each ring of concatenated rings."""
-    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    ends = starts + np.repeat(lengths, lengths)
-    idx = np.arange(int(lengths.sum()))
-    nxt = np.where(idx + 1 < ends, idx + 1, starts)
-    prev = np.where(idx > starts, idx - 1, ends - 1)
+    n = int(lengths.sum())
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    nxt = np.arange(1, n + 1)
+    nxt[ends - 1] = starts
+    prev = np.arange(-1, n - 1)
+    prev[starts] = ends - 1
     return nxt, prev
 
 
-def _exact_rings(contours: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+def _exact_rings(contours: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Contours traced on the half-pixel lattice -> exact pixel-corner rings, and their areas.
+
+    Returns ``(xy, starts, areas)``: ring ``i`` is ``xy[starts[i]:starts[i + 1]]`` in mask
+    coordinates (``starts`` has one entry more than there are rings), ``areas`` are signed.
+    Slicing is left to the caller: most traced rings are specks it drops.
 
     Lattice point (u, v) is mask coordinate (u/2, v/2): even-even points are pixel corners.
     Border following cuts concave corners with diagonal steps; each such step is replaced by
     the two axis-aligned steps through the corner point (the only even-even candidate), so
-    rings follow pixel edges exactly; points inside straight runs are then dropped. All rings
-    are processed in one vectorised pass (noisy masks have thousands of tiny components).
+    rings follow pixel edges exactly; points inside straight runs are then dropped. The
+    contours may be run-length compressed (CHAIN_APPROX_SIMPLE): a cut is always a single
+    diagonal step between two axis-aligned runs, so it survives compression. All rings are
+    processed in one vectorised pass on flat int32 coordinates (noisy masks have thousands of
+    tiny components, and this runs on every click).
     """
-    lengths = np.array([len(c) for c in contours], np.int64)
-    pts = np.concatenate([c.reshape(-1, 2) for c in contours]).astype(np.int64)
-    nxt_i, _ = _ring_neighbours(lengths)
-    nxt = pts[nxt_i]
-    diagonal = (np.abs(nxt - pts) == 1).all(axis=1)
-    if diagonal.any():
+    lengths = np.fromiter((len(c) for c in contours), np.int64, len(contours))
+    pts = np.concatenate(contours).reshape(-1, 2)
+    x, y = pts[:, 0].astype(np.int32), pts[:, 1].astype(np.int32)
+    nxt, _ = _ring_neighbours(lengths)
+    xn, yn = x[nxt], y[nxt]
+    diagonal = (np.abs(xn - x) == 1) & (np.abs(yn - y) == 1)
+    n_diag = int(np.count_nonzero(diagonal))
+    if n_diag:
         # The corner: from the current point move along x if its x is odd, else along y.
-        corner = pts.copy()
-        x_odd = pts[:, 0] % 2 == 1
-        corner[x_odd, 0] = nxt[x_odd, 0]
-        corner[~x_odd, 1] = nxt[~x_odd, 1]
-        pos = np.arange(len(pts)) + np.concatenate([[0], np.cumsum(diagonal)[:-1]])
-        out = np.empty((len(pts) + int(diagonal.sum()), 2), np.int64)
-        out[pos] = pts
-        out[pos[diagonal] + 1] = corner[diagonal]
+        x_odd = (x & 1).astype(bool)
+        corner_x = np.where(x_odd, xn, x)[diagonal]
+        corner_y = np.where(x_odd, y, yn)[diagonal]
+        pos = np.arange(len(x)) + np.cumsum(diagonal) - diagonal
+        out_x, out_y = np.empty(len(x) + n_diag, np.int32), np.empty(len(x) + n_diag, np.int32)
+        out_x[pos], out_y[pos] = x, y
+        inserted = pos[diagonal] + 1
+        out_x[inserted], out_y[inserted] = corner_x, corner_y
         ring_of = np.repeat(np.arange(len(lengths)), lengths)
         lengths = lengths + np.bincount(ring_of[diagonal], minlength=len(lengths))
-        pts = out
-    nxt_i, prev_i = _ring_neighbours(lengths)
-    d1, d2 = pts - pts[prev_i], pts[nxt_i] - pts
-    cross = d1[:, 0] * d2[:, 1] - d1[:, 1] * d2[:, 0]
-    keep = ~((cross == 0) & ((d1 * d2).sum(axis=1) >= 0))
+        x, y = out_x, out_y
+    nxt, prev = _ring_neighbours(lengths)
+    xn, yn = x[nxt], y[nxt]
+    d1x, d1y, d2x, d2y = x - x[prev], y - y[prev], xn - x, yn - y
+    # Keep turning points (and reversals, which only degenerate rings have).
+    keep = (d1x * d2y != d1y * d2x) | (d1x * d2x + d1y * d2y < 0)
     ring_of = np.repeat(np.arange(len(lengths)), lengths)
     # Shoelace per ring (lattice units / 4 = mask pixels).
-    terms = (pts[:, 0] * pts[nxt_i, 1] - pts[nxt_i, 0] * pts[:, 1]).astype(np.float64)
+    terms = x.astype(np.float64) * yn - xn.astype(np.float64) * y
     areas = np.bincount(ring_of, weights=terms, minlength=len(lengths)) / 8.0
     kept_counts = np.bincount(ring_of[keep], minlength=len(lengths))
-    rings = np.split(pts[keep].astype(np.float64) / 2.0, np.cumsum(kept_counts)[:-1])
-    return rings, areas
+    xy = np.empty((int(np.count_nonzero(keep)), 2), np.float64)
+    xy[:, 0], xy[:, 1] = x[keep], y[keep]
+    xy *= 0.5
+    return xy, np.concatenate([[0], np.cumsum(kept_counts)]), areas
 
 
 def _simplify(ring: np.ndarray, tolerance: float) -> np.ndarray:
@@ -169,44 +183,50 @@ def mask_to_polygons(
     if not (math.isfinite(downsample) and downsample > 0):
         raise InvalidInputError(f"downsample must be a positive number, got {downsample}")
     h, w = m.shape
-    if h == 0 or w == 0 or not m.any():
+    if h == 0 or w == 0:
+        return []
+    binary = m.view(np.uint8) if m.dtype == np.bool_ else (m != 0).view(np.uint8)
+    # Only the foreground's bounding box is traced: on a large slide region the object is
+    # usually small, and the tracing cost follows the traced area.
+    x0, y0, bw, bh = cv2.boundingRect(binary)
+    if bw == 0 or bh == 0:
         return []
     # Closed pixel squares sampled on the half-pixel lattice: pixel centres at odd indices,
     # corners at even ones; the lattice's border pixels are exactly the mask's pixel edges.
-    lattice = np.zeros((2 * h + 1, 2 * w + 1), np.uint8)
-    lattice[1::2, 1::2] = m != 0
+    lattice = np.zeros((2 * bh + 1, 2 * bw + 1), np.uint8)
+    lattice[1::2, 1::2] = binary[y0:y0 + bh, x0:x0 + bw]
     lattice = cv2.dilate(lattice, np.ones((3, 3), np.uint8))
-    contours, hierarchy = cv2.findContours(lattice, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+    contours, hierarchy = cv2.findContours(lattice, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE,
+                                           offset=(2 * x0, 2 * y0))
     if hierarchy is None:
         return []
-    hier = hierarchy[0]
-    holes_of: dict[int, list[int]] = {}
-    outers: list[int] = []
-    for i, (_, _, _, parent) in enumerate(hier):
-        if parent < 0:
-            outers.append(i)
-        else:
-            holes_of.setdefault(int(parent), []).append(i)
-
-    rings, signed = _exact_rings(contours)
+    parent = hierarchy[0][:, 3]
+    xy, starts, signed = _exact_rings(contours)
     areas = np.abs(signed)
+
+    def ring(k: int) -> np.ndarray:
+        return xy[starts[k]:starts[k + 1]]
+
+    is_hole = parent >= 0
+    # Pixel count of each component: its exterior minus all its holes (small ones included).
+    net = areas - np.bincount(parent[is_hole], weights=areas[is_hole], minlength=len(areas))
+    outers = np.flatnonzero(~is_hole & (net >= min_area) & (net > 0))
+    if len(outers) == 0:
+        return []
+    kept_holes: dict[int, list[int]] = {}
+    for j in np.flatnonzero(is_hole & (areas >= min_area)):
+        kept_holes.setdefault(int(parent[j]), []).append(int(j))
+    offset = np.asarray(origin, np.float64)
     polygons: list[tuple[float, PolygonXY]] = []
-    for i in outers:
-        area = float(areas[i])
-        holes = []
-        for j in holes_of.get(i, []):
-            area -= float(areas[j])
-            if areas[j] >= min_area:
-                holes.append(rings[j])
-        if area < min_area or area <= 0:
-            continue
-        exterior = _simplify(rings[i], simplify_tolerance)
+    for i in outers[np.argsort(-net[outers], kind="stable")]:
+        exterior = _simplify(ring(i), simplify_tolerance)
         if len(exterior) < 3:
             continue
-        holes = [s for s in (_simplify(hh, simplify_tolerance) for hh in holes) if len(s) >= 3]
-        poly = PolygonXY(exterior=exterior, holes=holes).transformed(origin, downsample)
-        polygons.append((area, poly))
-    polygons.sort(key=lambda t: -t[0])
+        holes = [_simplify(ring(j), simplify_tolerance) for j in kept_holes.get(int(i), ())]
+        polygons.append((float(net[i]), PolygonXY(
+            exterior=offset + exterior * downsample,
+            holes=[offset + hh * downsample for hh in holes if len(hh) >= 3],
+        )))
     return [p for _, p in polygons]
 
 

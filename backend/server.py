@@ -61,6 +61,7 @@ from histosam.backend.sessions import (
     SessionStore,
 )
 from histosam.backend.transforms import mask_to_prompt_logits
+from histosam.backend.wire import EncodedReply, encode_polygons, serialize_reply
 from histosam.v1 import segmentation_pb2 as pb
 from histosam.v1 import segmentation_pb2_grpc as pb_grpc
 
@@ -207,13 +208,6 @@ def _coerce(key: str, value: Any) -> Any:
 # --------------------------------------------------------------------------- service
 
 
-def _polygon_message(poly: PolygonXY) -> pb.Polygon:
-    return pb.Polygon(
-        exterior=np.asarray(poly.exterior, np.float64).ravel().tolist(),
-        holes=[pb.Ring(xy=np.asarray(h, np.float64).ravel().tolist()) for h in poly.holes],
-    )
-
-
 def _ring_array(values: Sequence[float], what: str) -> np.ndarray:
     arr = np.asarray(values, np.float64)
     if arr.size % 2 or arr.size < 6:
@@ -250,11 +244,10 @@ def add_servicer(servicer: SegmentationServicer, server: grpc.Server) -> None:
     handlers = {}
     for method in pb.DESCRIPTOR.services_by_name["Segmentation"].methods:
         request_class = getattr(pb, method.input_type.name)
-        response_class = getattr(pb, method.output_type.name)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
             getattr(servicer, method.name),
             request_deserializer=_lenient_parser(request_class),
-            response_serializer=response_class.SerializeToString,
+            response_serializer=serialize_reply,  # Click replies carry pre-encoded polygons
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
@@ -454,7 +447,7 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
             return b"poly:" + digest.digest(), logits
         return b"", None
 
-    def _click(self, request: pb.ClickRequest) -> pb.ClickResponse:
+    def _click(self, request: pb.ClickRequest) -> EncodedReply:
         session = self.sessions.get(request.session_id)
         tolerance = float(request.simplify_tolerance)
         min_area = float(request.min_area) if request.HasField("min_area") else DEFAULT_MIN_AREA
@@ -477,12 +470,11 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         polygons = mask_to_polygons(mask, origin=frame.origin, downsample=frame.downsample,
                                     simplify_tolerance=tolerance, min_area=min_area)
         response = pb.ClickResponse(
-            polygons=[_polygon_message(p) for p in polygons],
             predicted_iou=result.iou,
             decode_seconds=seconds,
             num_points=len(prompt.points),
             decoded_steps=steps,
-            mask_pixels=int(mask.sum()),
+            mask_pixels=int(np.count_nonzero(mask)),
             width=session.width,
             height=session.height,
         )
@@ -491,7 +483,8 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
             if not ok:  # pragma: no cover - cv2 encodes any uint8 image
                 raise RuntimeError("PNG encoding failed")
             response.mask_png = buf.tobytes()
-        return response
+        # The polygons go on the wire straight from numpy (see wire.py): same message, ~1 ms less.
+        return EncodedReply(response, encode_polygons(polygons))
 
 
 # --------------------------------------------------------------------------- auth
