@@ -14,9 +14,9 @@ from training_helpers import tiny_config, write_blob_dataset  # noqa: E402
 
 from histosam.backend.errors import InvalidInputError, NotFoundError  # noqa: E402
 from histosam.training.augment import apply_aug, identity, sample_aug  # noqa: E402
-from histosam.training.click_simulation import ClickState, prompt_batch  # noqa: E402
+from histosam.training.click_simulation import ClickState, click_target_map, prompt_batch  # noqa: E402
 from histosam.training.config import config_from_dict, load_config  # noqa: E402
-from histosam.training.losses import normalized_focal_loss  # noqa: E402
+from histosam.training.losses import click_consistency_loss, normalized_focal_loss  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 
@@ -52,6 +52,30 @@ def test_nfl_weight_excludes_pixels_and_scale_is_detached():
     s = (3 / beta.sum()).detach()
     (-(0.5 * beta * s * torch.log(pt)).sum() / 3).backward()
     assert torch.allclose(logits.grad.reshape(-1)[:3], x.grad, atol=1e-6)
+
+
+def test_click_consistency_loss_matches_hand_computation():
+    # Image 0: a positive disk pixel with logit 0 and a negative one with logit log 3 (p = 0.75);
+    # the unclicked pixel (logit 5) is ignored. Image 1 has no clicks and contributes zero.
+    logits = torch.tensor([[0.0, math.log(3.0), 5.0], [1.0, 2.0, 3.0]]).reshape(2, 1, 1, 3)
+    clicks = torch.tensor([[1.0, -1.0, 0.0], [0.0, 0.0, 0.0]]).reshape(2, 1, 1, 3)
+    expected = ((-math.log(0.5) - math.log(0.25)) / 2 + 0.0) / 2
+    assert float(click_consistency_loss(logits, clicks)) == pytest.approx(expected, rel=1e-6)
+    logits.requires_grad_(True)
+    click_consistency_loss(logits, clicks).backward()
+    assert logits.grad[0, 0, 0, 2] == 0 and float(logits.grad[1].abs().sum()) == 0
+    assert logits.grad[0, 0, 0, 0] < 0 < logits.grad[0, 0, 0, 1]  # raise the positive, lower the negative
+
+
+def test_click_target_map_draws_signed_disks_and_later_clicks_win():
+    state = ClickState(np.zeros((256, 256), bool), np.ones((256, 256), bool))
+    state.clicks = [(10, 10, True), (12, 10, False), (0, 255, True)]
+    m = click_target_map([state], radius=2.0)[0, 0]
+    assert m.shape == (256, 256)
+    assert m[8, 10] == 1 and m[10, 10] == -1 and m[14, 10] == -1  # the negative click overwrote
+    assert m[0, 255] == 1 and m[2, 255] == 1 and m[3, 255] == 0  # clipped at the border
+    assert int((m == 1).sum()) + int((m == -1).sum()) == int((m != 0).sum())
+    assert (m[100:, :200] == 0).all()
 
 
 @pytest.mark.parametrize("ritm", [False, True])
@@ -129,11 +153,24 @@ def test_bad_configs_are_clear_errors(tmp_path):
 
 
 def test_one_training_step_lowers_the_loss_on_a_fixed_batch(tmp_path, tiny_model):
-    from histosam.training.trainer import Trainer
 
     data = write_blob_dataset(tmp_path / "data", n=4)
     cfg = tiny_config(data, aug_variants=1, max_extra_clicks=0, lr=1e-3, train_prompt_encoder=True)
+    _three_steps_lower_the_loss(cfg, tmp_path, tiny_model)
+
+
+def test_a_step_with_the_click_loss_lowers_the_loss(tmp_path, tiny_model):
+    # No correction rounds: later clicks depend on the predictions, so the batch would change.
+    data = write_blob_dataset(tmp_path / "data", n=4)
+    cfg = tiny_config(data, aug_variants=1, max_extra_clicks=0, lr=3e-4, train_prompt_encoder=True,
+                      loss_every_round=True, click_loss_weight=1.0, click_loss_radius=3.0, click_disk_radius=8.0)
+    _three_steps_lower_the_loss(cfg, tmp_path, tiny_model)
+
+
+def _three_steps_lower_the_loss(cfg, tmp_path, tiny_model):
     import copy
+
+    from histosam.training.trainer import Trainer
 
     trainer = Trainer(cfg, tmp_path / "out", progress=False, model=copy.deepcopy(tiny_model),
                       cache_dir=tmp_path / "cache")

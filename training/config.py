@@ -52,7 +52,10 @@ class TrainConfig:
     box_probability: float = 0.0
     mask_drop_probability: float = 0.0
     ritm_click_probability: float = 0.0
-    aux_stock_loss: float = 0.25  # refine_hq: loss on its SAM path too (the stock-interface decoder)
+    aux_stock_loss: float = 0.25
+    # Click consistency: BCE toward the click label on a disk around every click (losses.py).
+    click_loss_weight: float = 0.0
+    click_loss_radius: float = 2.0  # low-res (256 grid) pixels  # refine_hq: loss on its SAM path too (the stock-interface decoder)
     # Loss (Normalized Focal Loss).
     alpha: float = 0.5
     gamma: float = 2.0
@@ -85,6 +88,8 @@ class TrainConfig:
             raise InvalidInputError(f"scale_range needs 0 < lo <= hi <= 1, got {self.scale_range}")
         if self.aug_variants < 1:
             raise InvalidInputError("aug_variants must be at least 1")
+        if self.click_loss_weight < 0 or self.click_loss_radius < 0:
+            raise InvalidInputError("click_loss_weight and click_loss_radius must be >= 0")
         if not self.train_data:
             raise InvalidInputError("train_data is empty")
         if not (self.train_decoder or self.train_prompt_encoder or self.train_image_encoder):

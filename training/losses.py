@@ -31,3 +31,21 @@ def normalized_focal_loss(logits: torch.Tensor, target: torch.Tensor, weight: to
     loss = -alpha_t * beta * scale * log_pt
     per_image = loss.sum(dim=dims) / (n_valid.reshape(-1) + eps)
     return per_image.mean()
+
+
+def click_consistency_loss(logits: torch.Tensor, click_map: torch.Tensor) -> torch.Tensor:
+    """Mean over images of the BCE on the pixels around each click, toward the click's label.
+
+    Why: NFL spreads the gradient over every wrong pixel, and the pixels a user clicked are a
+    handful among 65k, so a decoder that mostly copies its mask prompt and the image prior
+    loses little by ignoring a click (obedience stayed at ~20 % for positive clicks). This term
+    asks directly for what a user expects: the clicked spot takes the clicked label.
+    ``click_map`` (B, 1, H, W): +1 around positive clicks, -1 around negative ones, 0 elsewhere;
+    images without clicks contribute zero.
+    """
+    mask = (click_map != 0).to(logits.dtype)
+    target = (click_map > 0).to(logits.dtype)
+    dims = tuple(range(1, logits.dim()))
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none") * mask
+    per_image = bce.sum(dim=dims) / mask.sum(dim=dims).clamp(min=1.0)
+    return per_image.mean()

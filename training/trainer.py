@@ -39,7 +39,7 @@ from histosam.backend.evaluation import (
     evaluate_predictor,
     select_samples,
 )
-from histosam.training.click_simulation import ClickState, box_of, prompt_batch
+from histosam.training.click_simulation import ClickState, box_of, click_target_map, prompt_batch
 from histosam.training.config import TrainConfig, resolve_data_path
 from histosam.training.data import (
     EmbeddingCache,
@@ -51,7 +51,7 @@ from histosam.training.data import (
     make_sample,
     split_records,
 )
-from histosam.training.losses import normalized_focal_loss
+from histosam.training.losses import click_consistency_loss, normalized_focal_loss
 from histosam.training.models.decoder_weights import save_decoder_weights
 from histosam.training.models.sam_model import HistoSam
 from histosam.training.torch_predictor import TorchPredictor
@@ -349,6 +349,9 @@ class Trainer:
                 with sync:
                     logits, iou = self.ddp(images, emb, coords, labels, prev, has)
                     loss = self._loss(logits, iou, gt, valid)
+                    if cfg.click_loss_weight > 0:
+                        clicks = torch.from_numpy(click_target_map(states, cfg.click_loss_radius)).to(dev)
+                        loss = loss + cfg.click_loss_weight * click_consistency_loss(logits, clicks)
                     if cfg.loss_every_round:
                         loss = loss / (n_rounds + 1)
                     loss.backward()
