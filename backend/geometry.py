@@ -13,7 +13,8 @@ Why not the usual ``cv2.findContours`` + ``cv2.fillPoly`` pair: findContours tra
 *centres* (every shape loses half a pixel all round, a 1-pixel speck becomes a point) and
 fillPoly fills boundary pixels inclusively (every shape gains a pixel on its right and bottom),
 so a round trip drifts by a pixel per trip, which ruins small shapes. Here tracing is exact
-(contours of the mask's closed pixel squares sampled on a half-pixel lattice) and filling
+(findContours' pixel-centre borders turned into the pixel-edge outlines of the mask's closed
+pixel squares) and filling
 samples pixel centres with the even-odd rule, so mask -> polygons -> mask is the identity when
 no simplification is asked for.
 """
@@ -32,8 +33,8 @@ from histosam.backend.errors import InvalidInputError
 
 DEFAULT_CLASS_NAME = "Tumor"
 DEFAULT_CLASS_COLOR = (200, 0, 0)
-# Masks above this many pixels are refused by mask_to_polygons (the tracing lattice is 4x the
-# mask): a whole level 0 passed by mistake should fail clearly, not exhaust memory.
+# Masks above this many pixels are refused by mask_to_polygons: a whole level 0 passed by
+# mistake should fail clearly, not exhaust memory.
 MAX_TRACE_PIXELS = 64_000_000
 
 
@@ -83,62 +84,80 @@ def _ring_neighbours(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = int(lengths.sum())
     ends = np.cumsum(lengths)
     starts = ends - lengths
-    nxt = np.arange(1, n + 1)
+    nxt = np.arange(1, n + 1, dtype=np.intp)
     nxt[ends - 1] = starts
-    prev = np.arange(-1, n - 1)
+    prev = np.arange(-1, n - 1, dtype=np.intp)
     prev[starts] = ends - 1
     return nxt, prev
 
 
+# Pixel corners in counter-clockwise screen order: TL, BL, BR, TR (offsets from the pixel).
+_CORNERS = np.array([[0, 0], [0, 1], [1, 1], [1, 0]], np.int32)
+
+
+def _direction_table(table: dict[tuple[int, int], int]) -> np.ndarray:
+    lut = np.full(9, -1, np.int32)
+    for (dx, dy), corner in table.items():
+        lut[(dx + 1) * 3 + dy + 1] = corner
+    return lut
+
+
+# OpenCV traces every border (outer and hole) with the background on its right. Leaving a
+# pixel by step b, the outline passes to the next pixel through the corner they share on the
+# background side (_LEAVE); arriving by step a, it starts at that same corner seen from the
+# new pixel (_ARRIVE). In between it runs counter-clockwise along the pixel's free sides.
+_LEAVE = _direction_table({(1, 0): 2, (1, -1): 3, (0, -1): 3, (-1, -1): 0,
+                           (-1, 0): 0, (-1, 1): 1, (0, 1): 1, (1, 1): 2})
+_ARRIVE = _direction_table({(1, 0): 1, (1, -1): 1, (0, -1): 2, (-1, -1): 2,
+                            (-1, 0): 3, (-1, 1): 3, (0, 1): 0, (1, 1): 0})
+
+
 def _exact_rings(contours: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Contours traced on the half-pixel lattice -> exact pixel-corner rings, and their areas.
+    """Borders traced through pixel centres -> exact pixel-corner rings, and their areas.
+
+    ``contours`` are OpenCV's unit-step borders (CHAIN_APPROX_NONE) of the mask itself. Each
+    visited pixel contributes the corners between its arrival and leaving corners (none at a
+    concave turn, all four around a tip the border turns back from, all four for a lone
+    pixel), so the rings run along pixel edges exactly; points inside straight runs are then
+    dropped. Tracing at the mask's own resolution, not on a 2x lattice, keeps this a quarter of
+    the memory traffic: it runs on every click. All rings are processed in one vectorised pass.
 
     Returns ``(xy, starts, areas)``: ring ``i`` is ``xy[starts[i]:starts[i + 1]]`` in mask
     coordinates (``starts`` has one entry more than there are rings), ``areas`` are signed.
     Slicing is left to the caller: most traced rings are specks it drops.
-
-    Lattice point (u, v) is mask coordinate (u/2, v/2): even-even points are pixel corners.
-    Border following cuts concave corners with diagonal steps; each such step is replaced by
-    the two axis-aligned steps through the corner point (the only even-even candidate), so
-    rings follow pixel edges exactly; points inside straight runs are then dropped. The
-    contours may be run-length compressed (CHAIN_APPROX_SIMPLE): a cut is always a single
-    diagonal step between two axis-aligned runs, so it survives compression. All rings are
-    processed in one vectorised pass on flat int32 coordinates (noisy masks have thousands of
-    tiny components, and this runs on every click).
     """
+    # Flat 1-D int32 arrays and ``take``: 2-D fancy indexing costs several times more here.
     lengths = np.fromiter((len(c) for c in contours), np.int64, len(contours))
     pts = np.concatenate(contours).reshape(-1, 2)
     x, y = pts[:, 0].astype(np.int32), pts[:, 1].astype(np.int32)
-    nxt, _ = _ring_neighbours(lengths)
-    xn, yn = x[nxt], y[nxt]
-    diagonal = (np.abs(xn - x) == 1) & (np.abs(yn - y) == 1)
-    n_diag = int(np.count_nonzero(diagonal))
-    if n_diag:
-        # The corner: from the current point move along x if its x is odd, else along y.
-        x_odd = (x & 1).astype(bool)
-        corner_x = np.where(x_odd, xn, x)[diagonal]
-        corner_y = np.where(x_odd, y, yn)[diagonal]
-        pos = np.arange(len(x)) + np.cumsum(diagonal) - diagonal
-        out_x, out_y = np.empty(len(x) + n_diag, np.int32), np.empty(len(x) + n_diag, np.int32)
-        out_x[pos], out_y[pos] = x, y
-        inserted = pos[diagonal] + 1
-        out_x[inserted], out_y[inserted] = corner_x, corner_y
-        ring_of = np.repeat(np.arange(len(lengths)), lengths)
-        lengths = lengths + np.bincount(ring_of[diagonal], minlength=len(lengths))
-        x, y = out_x, out_y
     nxt, prev = _ring_neighbours(lengths)
-    xn, yn = x[nxt], y[nxt]
-    d1x, d1y, d2x, d2y = x - x[prev], y - y[prev], xn - x, yn - y
+    ax, ay = x - x.take(prev), y - y.take(prev)
+    bx, by = x.take(nxt) - x, y.take(nxt) - y
+    start = _ARRIVE.take((ax + 1) * 3 + ay + 1)
+    count = (_LEAVE.take((bx + 1) * 3 + by + 1) - start) & 3
+    tip = (count == 0) & (ax == -bx) & (ay == -by)
+    count[tip] = 4
+    lone = np.flatnonzero(lengths == 1)
+    if len(lone):
+        at = (np.cumsum(lengths) - 1)[lone]
+        count[at], start[at] = 4, 0
+    src = np.repeat(np.arange(len(x), dtype=np.int32), count)
+    step = np.arange(len(src), dtype=np.int32) - np.repeat((np.cumsum(count) - count).astype(np.int32), count)
+    corner = (start.take(src) + step) & 3
+    x, y = x.take(src) + _CORNERS[:, 0].take(corner), y.take(src) + _CORNERS[:, 1].take(corner)
+    ring_of = np.repeat(np.arange(len(lengths)), lengths)
+    lengths = np.bincount(ring_of, weights=count, minlength=len(lengths)).astype(np.int64)
+    nxt, prev = _ring_neighbours(lengths)
+    xn, yn = x.take(nxt), y.take(nxt)
+    d1x, d1y, d2x, d2y = x - x.take(prev), y - y.take(prev), xn - x, yn - y
     # Keep turning points (and reversals, which only degenerate rings have).
     keep = (d1x * d2y != d1y * d2x) | (d1x * d2x + d1y * d2y < 0)
     ring_of = np.repeat(np.arange(len(lengths)), lengths)
-    # Shoelace per ring (lattice units / 4 = mask pixels).
-    terms = x.astype(np.float64) * yn - xn.astype(np.float64) * y
-    areas = np.bincount(ring_of, weights=terms, minlength=len(lengths)) / 8.0
+    terms = x.astype(np.float64) * yn - xn.astype(np.float64) * y  # shoelace per ring
+    areas = np.bincount(ring_of, weights=terms, minlength=len(lengths)) / 2.0
     kept_counts = np.bincount(ring_of[keep], minlength=len(lengths))
-    xy = np.empty((int(np.count_nonzero(keep)), 2), np.float64)
+    xy = np.empty((len(kept_counts) and int(kept_counts.sum()), 2), np.float64)
     xy[:, 0], xy[:, 1] = x[keep], y[keep]
-    xy *= 0.5
     return xy, np.concatenate([[0], np.cumsum(kept_counts)]), areas
 
 
@@ -191,13 +210,8 @@ def mask_to_polygons(
     x0, y0, bw, bh = cv2.boundingRect(binary)
     if bw == 0 or bh == 0:
         return []
-    # Closed pixel squares sampled on the half-pixel lattice: pixel centres at odd indices,
-    # corners at even ones; the lattice's border pixels are exactly the mask's pixel edges.
-    lattice = np.zeros((2 * bh + 1, 2 * bw + 1), np.uint8)
-    lattice[1::2, 1::2] = binary[y0:y0 + bh, x0:x0 + bw]
-    lattice = cv2.dilate(lattice, np.ones((3, 3), np.uint8))
-    contours, hierarchy = cv2.findContours(lattice, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE,
-                                           offset=(2 * x0, 2 * y0))
+    crop = binary if (bw, bh) == (w, h) else np.ascontiguousarray(binary[y0:y0 + bh, x0:x0 + bw])
+    contours, hierarchy = cv2.findContours(crop, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE, offset=(int(x0), int(y0)))
     if hierarchy is None:
         return []
     parent = hierarchy[0][:, 3]
