@@ -110,3 +110,37 @@ def test_refine_hq_starts_as_the_stock_decoder(tiny_model):
         a, _ = tiny_model.eval().decode(tiny_model.encode(x), *args)
         b, _ = hq.decode(hq.encode(x), *args)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["add", "override"])
+def test_click_disk_mode_reaches_the_dense_prompt_survives_saving_and_exports(tmp_path, tiny_model, mode):
+    from histosam.export.exporter import export_bundle
+    from histosam.training.models.decoder_weights import apply_decoder_weights, save_decoder_weights
+
+    model = copy.deepcopy(tiny_model)
+    model.click_disk_radius, model.click_disk_mode = 6.0, mode
+    seen = {}
+    embed = model.embed_mask
+
+    def spy(mask_input, has_mask_input):
+        seen["mask_input"] = mask_input.detach().clone()
+        return embed(mask_input, has_mask_input)
+
+    model.embed_mask = spy
+    size = model.spec.input_size
+    feats = model.encode(torch.zeros(1, 3, size, size))
+    prev = torch.full((1, 1, 256, 256), -20.0)  # a confident "background" everywhere
+    coords = torch.tensor([[[size / 2, size / 2]]])
+    model.decode(feats, coords, torch.tensor([[1.0]]), prev, torch.ones(1))
+    at_click = float(seen["mask_input"][0, 0, 128, 128])
+    assert at_click == (8.0 if mode == "override" else -12.0)
+    assert float(seen["mask_input"][0, 0, 10, 10]) == -20.0  # away from the click: the previous mask
+    del model.embed_mask
+
+    path = save_decoder_weights(model, tmp_path / "w.safetensors")
+    reloaded = apply_decoder_weights(copy.deepcopy(tiny_model), path)
+    assert (reloaded.click_disk_mode, reloaded.click_disk_radius) == (mode, 6.0)
+    bundle = tmp_path / "bundle"
+    export_bundle({"model": "tiny_sam", "checkpoint": None, "decoder_weights": str(path)}, bundle,
+                  model=reloaded, check=False, progress=False)
+    assert _agree(reloaded, bundle) < 1e-3

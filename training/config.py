@@ -27,6 +27,7 @@ class TrainConfig:
     train_prompt_encoder: bool = False
     train_decoder: bool = True
     click_disk_radius: float = 0.0
+    click_disk_mode: str = "add"  # "override": a click disk replaces the previous logits (sam_model.py)
     # Data: folders with images/ and masks/. ``holdout`` patches per training folder are kept
     # out of training as an internal validation split; ``val_data`` is never trained on.
     train_data: list[str] = field(default_factory=lambda: ["../shared/data/patches/ocdc",
@@ -88,6 +89,8 @@ class TrainConfig:
             raise InvalidInputError(f"scale_range needs 0 < lo <= hi <= 1, got {self.scale_range}")
         if self.aug_variants < 1:
             raise InvalidInputError("aug_variants must be at least 1")
+        if self.click_disk_mode not in ("add", "override"):
+            raise InvalidInputError(f"click_disk_mode must be 'add' or 'override', got {self.click_disk_mode!r}")
         if self.click_loss_weight < 0 or self.click_loss_radius < 0:
             raise InvalidInputError("click_loss_weight and click_loss_radius must be >= 0")
         if not self.train_data:

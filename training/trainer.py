@@ -70,6 +70,7 @@ def build_training_model(cfg: TrainConfig, model: HistoSam | None = None) -> His
         model = build_model(cfg.base_model, click_disk_radius=cfg.click_disk_radius)
     else:
         model.click_disk_radius = float(cfg.click_disk_radius)
+    model.click_disk_mode = cfg.click_disk_mode
     variant = cfg.decoder.get("variant", "stock")
     if variant != "stock":
         from histosam.training.models.decoders import build_decoder

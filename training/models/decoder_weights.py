@@ -36,6 +36,7 @@ def save_decoder_weights(model: HistoSam, path: Path, include_encoder: bool = Fa
         "base_model": model.spec.name,
         "decoder": json.dumps(decoder_config(model)),
         "click_disk_radius": str(model.click_disk_radius),
+        "click_disk_mode": model.click_disk_mode,
         "includes_image_encoder": str(bool(include_encoder)),
     }
     meta.update(extra_metadata or {})
@@ -80,6 +81,7 @@ def apply_decoder_weights(model: HistoSam, path: Path) -> HistoSam:
 
         model = build_decoder(model, cfg)
     model.click_disk_radius = float(meta.get("click_disk_radius", 0.0))
+    model.click_disk_mode = meta.get("click_disk_mode", "add")  # files from before the option: add
     state = load_file(str(path))
     own = model.state_dict()
     bad = [k for k in state if k not in own or tuple(own[k].shape) != tuple(state[k].shape)]

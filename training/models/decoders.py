@@ -256,7 +256,8 @@ def build_decoder(model: HistoSam, cfg: dict[str, Any]) -> HistoSam:
         raise CheckpointError(f"unknown decoder variant {variant!r}; known: stock, {', '.join(VARIANTS)}")
     spec = dataclasses.replace(model.spec, extra_features=extra)
     return HistoSam(spec, model.image_encoder, model.prompt_encoder, decoder,
-                    click_disk_radius=model.click_disk_radius).train(model.training)
+                    click_disk_radius=model.click_disk_radius,
+                    click_disk_mode=model.click_disk_mode).train(model.training)
 
 
 def _unit_scale(model: HistoSam) -> float:

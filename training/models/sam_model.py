@@ -29,12 +29,19 @@ class ModelSpec:
     extra_features: tuple[str, ...] = field(default_factory=tuple)
 
 
+CLICK_DISK_MODES = ("add", "override")
+
+
 class HistoSam(nn.Module):
     """Image encoder + prompt encoder + mask decoder, with SAM's ONNX-style prompt handling.
 
     ``click_disk_radius`` > 0 also draws the clicks into the dense mask prompt as +/- disks
     (in low-res pixels), RITM-style, so clicks reach the decoder through the spatially
-    aligned path as well as through the sparse point tokens.
+    aligned path as well as through the sparse point tokens. ``click_disk_mode`` says how a
+    disk meets the previous mask there: ``"add"`` (+/-8 added to the previous logits: a click
+    on a confident error, logit -15, still reads "background", so the decoder can hardly tell
+    it was clicked) or ``"override"`` (the disk replaces the previous logits: the clicked spot
+    says what the user said). "add" is kept for weights trained with it.
     """
 
     def __init__(
@@ -44,6 +51,7 @@ class HistoSam(nn.Module):
         prompt_encoder: nn.Module,
         mask_decoder: nn.Module,
         click_disk_radius: float = 0.0,
+        click_disk_mode: str = "add",
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -51,6 +59,9 @@ class HistoSam(nn.Module):
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.click_disk_radius = float(click_disk_radius)
+        if click_disk_mode not in CLICK_DISK_MODES:
+            raise ValueError(f"click_disk_mode must be one of {CLICK_DISK_MODES}, got {click_disk_mode!r}")
+        self.click_disk_mode = click_disk_mode
 
     # -- encoder ---------------------------------------------------------------------------
     def encode(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -133,7 +144,10 @@ class HistoSam(nn.Module):
             disks = self.click_disks(point_coords, point_labels)
             gate = has_mask_input.reshape(-1, 1, 1, 1)
             # Without a previous mask the disks alone are the dense prompt.
-            mask_input = mask_input * gate + disks * 8.0
+            if self.click_disk_mode == "override":
+                mask_input = torch.where(disks != 0, disks * 8.0, mask_input * gate)
+            else:
+                mask_input = mask_input * gate + disks * 8.0
             has_mask_input = torch.ones_like(has_mask_input)
         dense = self.embed_mask(mask_input, has_mask_input)
         image_pe = self.prompt_encoder.get_dense_pe()
