@@ -182,3 +182,30 @@ def _three_steps_lower_the_loss(cfg, tmp_path, tiny_model):
         trainer.rng = np.random.default_rng(0)  # same variants and clicks: a fixed batch
         losses.append(trainer.train_batch([0, 1, 2]))
     assert losses[1] < losses[0] and losses[2] < losses[1]
+
+
+def test_init_weights_starts_training_from_a_fine_tune(tmp_path, tiny_model):
+    import copy
+
+    from histosam.training.models.decoder_weights import save_decoder_weights
+    from histosam.training.trainer import build_training_model
+
+    tuned = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in tuned.mask_decoder.parameters():
+            p.add_(0.5)
+    tuned.click_disk_radius = 4.0
+    path = save_decoder_weights(tuned, tmp_path / "tuned.safetensors")
+    data = write_blob_dataset(tmp_path / "data", n=2)
+    cfg = tiny_config(data, init_weights=str(path), click_disk_radius=6.0,
+                      decoder={"variant": "refine_hq", "stem_256": 4, "stem_128": 8, "width": 8})
+    model = build_training_model(cfg, copy.deepcopy(tiny_model))
+    grown, tuned_state = model.mask_decoder.state_dict(), tuned.mask_decoder.state_dict()
+    shared = [k for k in tuned_state if k in grown]  # refine_hq reuses the stock modules by name
+    assert any(k.startswith("transformer.") for k in shared) and "iou_token.weight" in shared
+    for k in shared:
+        assert torch.equal(grown[k], tuned_state[k]), k
+    assert model.click_disk_radius == 6.0  # the config wins over the file's metadata
+    with pytest.raises(NotFoundError):
+        build_training_model(tiny_config(data, init_weights=str(tmp_path / "missing.safetensors")),
+                             copy.deepcopy(tiny_model))

@@ -39,3 +39,12 @@ def test_shipped_weights_rebuild_their_decoder_variant():
         meta = read_metadata(path)
         assert meta["base_model"] == "lite_medsam"
         assert "train_config" in meta and "metrics" in meta
+
+
+def test_evaluate_loads_the_default_and_shipped_names_on_the_torch_side():
+    from histosam.training.torch_predictor import TorchPredictor
+
+    for name in ("default", registry.DEFAULT_MODEL):
+        pred = TorchPredictor.from_spec(name)
+        assert pred.name == registry.DEFAULT_MODEL
+        assert pred.model.click_disk_radius > 0  # the shipped weights' settings, not the base model

@@ -22,6 +22,10 @@ class TrainConfig:
     name: str = "md"
     base_model: str = "lite_medsam"
     decoder: dict[str, Any] = field(default_factory=lambda: {"variant": "stock"})
+    # Start from a fine-tune (decoder-weights .safetensors of the same base model, relative to the
+    # repository or absolute) instead of the base model's own decoder: e.g. grow refine_hq's
+    # zero-initialised high-resolution head on top of an already click-trained stock decoder.
+    init_weights: str | None = None
     # Which parts learn (the paper's md / ie_md / whole; the rest stays frozen).
     train_image_encoder: bool = False
     train_prompt_encoder: bool = False
@@ -120,6 +124,16 @@ def resolve_data_path(path: str) -> Path:
     if alt.is_dir():
         return alt.resolve()
     raise NotFoundError(f"data folder {path} not found (relative to {Path.cwd()} or {REPO_ROOT})")
+
+
+def resolve_repo_path(path: str) -> Path:
+    """A file path as given (absolute or relative to the working directory), else relative to
+    the repository root; NotFoundError when neither exists."""
+    p = Path(path).expanduser()
+    for candidate in (p, REPO_ROOT / path):
+        if candidate.is_file():
+            return candidate
+    raise NotFoundError(f"file {path} not found (relative to {Path.cwd()} or {REPO_ROOT})")
 
 
 def config_from_dict(raw: dict[str, Any]) -> TrainConfig:

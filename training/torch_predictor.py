@@ -42,10 +42,11 @@ class TorchPredictor:
             source = json.loads((path / "manifest.json").read_text())["source"]
             model = load_model_from_source(source)
             return cls(model, name=source["model"])
-        model = load_model_from_source(
-            {"model": model_or_bundle, "checkpoint": checkpoint, "decoder_weights": decoder_weights}
-        )
-        return cls(model, name=model_or_bundle)
+        from histosam.backend.catalog import resolve_source
+
+        # Base models, shipped fine-tunes and "default" resolve the same way as for export/serve.
+        source = resolve_source(model_or_bundle, checkpoint, decoder_weights)
+        return cls(load_model_from_source(source), name=source["name"])
 
     @torch.inference_mode()
     def set_image(self, image: np.ndarray) -> None:

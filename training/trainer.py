@@ -40,7 +40,7 @@ from histosam.backend.evaluation import (
     select_samples,
 )
 from histosam.training.click_simulation import ClickState, box_of, click_target_map, prompt_batch
-from histosam.training.config import TrainConfig, resolve_data_path
+from histosam.training.config import TrainConfig, resolve_data_path, resolve_repo_path
 from histosam.training.data import (
     EmbeddingCache,
     Patch,
@@ -68,8 +68,11 @@ def build_training_model(cfg: TrainConfig, model: HistoSam | None = None) -> His
 
     if model is None:
         model = build_model(cfg.base_model, click_disk_radius=cfg.click_disk_radius)
-    else:
-        model.click_disk_radius = float(cfg.click_disk_radius)
+    if cfg.init_weights:
+        from histosam.training.models.decoder_weights import apply_decoder_weights
+
+        model = apply_decoder_weights(model, resolve_repo_path(cfg.init_weights))
+    model.click_disk_radius = float(cfg.click_disk_radius)
     model.click_disk_mode = cfg.click_disk_mode
     variant = cfg.decoder.get("variant", "stock")
     if variant != "stock":

@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "NoC@80/85/90, NoF@85/90, seconds per click and mIoU per click."
         ),
     )
-    p.add_argument("--model", help="registry model name (e.g. lite_medsam) or a bundle folder with manifest.json")
+    p.add_argument("--model", help="model name (default, lite_medsam_histo, lite_medsam, vit_b, ...) or a bundle "
+                   "folder with manifest.json")
     p.add_argument(
         "--backend", nargs="+", choices=BACKEND_CHOICES, default=["onnx"],
         help="one or more of %(choices)s; 'both' = torch and onnx with a parity report (default: onnx)",
