@@ -230,18 +230,14 @@ def mask_to_polygons(
     kept_holes: dict[int, list[int]] = {}
     for j in np.flatnonzero(is_hole & (areas >= min_area)):
         kept_holes.setdefault(int(parent[j]), []).append(int(j))
-    offset = np.asarray(origin, np.float64)
-    polygons: list[tuple[float, PolygonXY]] = []
-    for i in outers[np.argsort(-net[outers], kind="stable")]:
+    polygons: list[PolygonXY] = []
+    for i in outers[np.argsort(-net[outers], kind="stable")]:  # largest first
         exterior = _simplify(ring(i), simplify_tolerance)
         if len(exterior) < 3:
             continue
         holes = [_simplify(ring(j), simplify_tolerance) for j in kept_holes.get(int(i), ())]
-        polygons.append((float(net[i]), PolygonXY(
-            exterior=offset + exterior * downsample,
-            holes=[offset + hh * downsample for hh in holes if len(hh) >= 3],
-        )))
-    return [p for _, p in polygons]
+        polygons.append(PolygonXY(exterior, [h for h in holes if len(h) >= 3]).transformed(origin, downsample))
+    return polygons
 
 
 # --------------------------------------------------------------------------- polygons -> mask

@@ -14,7 +14,7 @@ from training_helpers import tiny_config, write_blob_dataset  # noqa: E402
 
 from histosam.backend.errors import InvalidInputError, NotFoundError  # noqa: E402
 from histosam.training.augment import apply_aug, identity, sample_aug  # noqa: E402
-from histosam.training.click_simulation import ClickState, click_target_map, prompt_batch  # noqa: E402
+from histosam.training.click_simulation import ClickState, prompt_batch  # noqa: E402
 from histosam.training.config import config_from_dict, load_config  # noqa: E402
 from histosam.training.losses import click_consistency_loss, normalized_focal_loss  # noqa: E402
 
@@ -67,14 +67,20 @@ def test_click_consistency_loss_matches_hand_computation():
     assert logits.grad[0, 0, 0, 0] < 0 < logits.grad[0, 0, 0, 1]  # raise the positive, lower the negative
 
 
-def test_click_target_map_draws_signed_disks_and_later_clicks_win():
+def test_click_loss_target_is_signed_disks_in_the_low_res_grid(tiny_model):
+    # The loss target is the model's own click raster (low-res (y, x) -> input frame as prompt_batch does).
     state = ClickState(np.zeros((256, 256), bool), np.ones((256, 256), bool))
-    state.clicks = [(10, 10, True), (12, 10, False), (0, 255, True)]
-    m = click_target_map([state], radius=2.0)[0, 0]
+    state.clicks = [(10, 10, True), (14, 30, False), (0, 255, True)]
+    size = tiny_model.spec.input_size
+    coords, labels = (torch.from_numpy(a) for a in prompt_batch([state], size))
+    pos, neg = tiny_model.disk_maps(coords, labels, 2.0 * size / 256)
+    m = (pos - neg)[0, 0].numpy()
     assert m.shape == (256, 256)
-    assert m[8, 10] == 1 and m[10, 10] == -1 and m[14, 10] == -1  # the negative click overwrote
-    assert m[0, 255] == 1 and m[2, 255] == 1 and m[3, 255] == 0  # clipped at the border
-    assert int((m == 1).sum()) + int((m == -1).sum()) == int((m != 0).sum())
+    # The raster tests pixel centres (i + 0.5) against the click coordinate: rows 8..11 for y=10.
+    assert m[8, 10] == 1 and m[11, 10] == 1 and m[12, 30] == -1 and m[15, 30] == -1
+    assert m[0, 255] == 1 and m[1, 255] == 1 and m[2, 255] == 0  # clipped at the border
+    assert m[12, 10] == 0 and m[16, 30] == 0 and m[14, 32] == 0  # radius 2
+    assert int((m != 0).sum()) == int((np.abs(m) == 1).sum())
     assert (m[100:, :200] == 0).all()
 
 

@@ -85,19 +85,3 @@ def prompt_batch(states: list[ClickState], input_size: int) -> tuple[np.ndarray,
             labels[i, j] = lab
     return coords, labels
 
-
-def click_target_map(states: list[ClickState], radius: float) -> np.ndarray:
-    """(B, 1, 256, 256) float32: +1 in a disk of ``radius`` low-res px around each positive
-    click, -1 around each negative one (a later click wins where disks overlap), 0 elsewhere;
-    the target of the click-consistency loss."""
-    out = np.zeros((len(states), 1, LOW, LOW), np.float32)
-    r = int(np.ceil(radius))
-    dy, dx = np.mgrid[-r:r + 1, -r:r + 1]
-    inside = dy * dy + dx * dx <= radius * radius
-    dy, dx = dy[inside], dx[inside]
-    for i, s in enumerate(states):
-        for y, x, positive in s.clicks:
-            yy, xx = y + dy, x + dx
-            ok = (yy >= 0) & (yy < LOW) & (xx >= 0) & (xx < LOW)
-            out[i, 0, yy[ok], xx[ok]] = 1.0 if positive else -1.0
-    return out

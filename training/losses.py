@@ -40,8 +40,8 @@ def click_consistency_loss(logits: torch.Tensor, click_map: torch.Tensor) -> tor
     handful among 65k, so a decoder that mostly copies its mask prompt and the image prior
     loses little by ignoring a click (obedience stayed at ~20 % for positive clicks). This term
     asks directly for what a user expects: the clicked spot takes the clicked label.
-    ``click_map`` (B, 1, H, W): +1 around positive clicks, -1 around negative ones, 0 elsewhere;
-    images without clicks contribute zero.
+    ``click_map`` (B, 1, H, W): +1 around positive clicks, -1 around negative ones, 0 elsewhere
+    (and where a positive and a negative disk overlap); images without clicks contribute zero.
     """
     mask = (click_map != 0).to(logits.dtype)
     target = (click_map > 0).to(logits.dtype)

@@ -39,7 +39,7 @@ from histosam.backend.evaluation import (
     evaluate_predictor,
     select_samples,
 )
-from histosam.training.click_simulation import ClickState, box_of, click_target_map, prompt_batch
+from histosam.training.click_simulation import ClickState, box_of, prompt_batch
 from histosam.training.config import TrainConfig, resolve_data_path, resolve_repo_path
 from histosam.training.data import (
     EmbeddingCache,
@@ -354,8 +354,8 @@ class Trainer:
                     logits, iou = self.ddp(images, emb, coords, labels, prev, has)
                     loss = self._loss(logits, iou, gt, valid)
                     if cfg.click_loss_weight > 0:
-                        clicks = torch.from_numpy(click_target_map(states, cfg.click_loss_radius)).to(dev)
-                        loss = loss + cfg.click_loss_weight * click_consistency_loss(logits, clicks)
+                        pos, neg = self.model.disk_maps(coords, labels, cfg.click_loss_radius * size / 256)
+                        loss = loss + cfg.click_loss_weight * click_consistency_loss(logits, pos - neg)
                     if cfg.loss_every_round:
                         loss = loss / (n_rounds + 1)
                     loss.backward()

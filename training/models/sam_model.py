@@ -84,8 +84,11 @@ class HistoSam(nn.Module):
             emb = emb + pe.point_embeddings[i].weight * (lab == i)
         return emb
 
-    def _disks(self, coords: torch.Tensor, labels: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def disk_maps(self, coords: torch.Tensor, labels: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Positive and negative click disks on the 256x256 low-res grid, each (B, 1, 256, 256).
+
+        The one click raster: the dense prompt, the prompt maps and the click-consistency
+        loss's target all come from here.
 
         ``radius`` is in input-frame pixels. Trace-friendly (tensor ops only).
         """
@@ -107,7 +110,7 @@ class HistoSam(nn.Module):
         ``click_disk_radius`` is in low-res pixels.
         """
         scale = self.prompt_encoder.mask_input_size[0] / self.spec.input_size
-        pos, neg = self._disks(coords, labels, self.click_disk_radius / scale)
+        pos, neg = self.disk_maps(coords, labels, self.click_disk_radius / scale)
         return pos - neg
 
     def prompt_maps(self, coords: torch.Tensor, labels: torch.Tensor, mask_input: torch.Tensor,
@@ -116,7 +119,7 @@ class HistoSam(nn.Module):
 
         ``radius`` is in input-frame pixels. Trace-friendly (tensor ops only).
         """
-        pos, neg = self._disks(coords, labels, radius)
+        pos, neg = self.disk_maps(coords, labels, radius)
         prev = torch.sigmoid(mask_input) * has_mask_input.reshape(-1, 1, 1, 1)
         return torch.cat([pos, neg, prev], dim=1)
 
