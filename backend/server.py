@@ -52,6 +52,7 @@ from histosam.backend.image_sources import (
     read_region,
 )
 from histosam.backend.models import LoadedModel, ModelStore, default_bundle_path, discover_bundles
+from histosam.backend.propagation import ImageGraph, PropagationSettings
 from histosam.backend.sessions import (
     Embedding,
     EmbeddingCache,
@@ -130,6 +131,13 @@ class ServerSettings:
     max_message_bytes: int = 64 << 20
     max_points: int = 100
     grace_seconds: float = 5.0
+    # Click propagation (backend/propagation.py): the model's mask as the prior of a
+    # click-seeded random walker, so a click spreads over its colour region. Off by default: it
+    # wins on tumour regions with soft borders (OCDC) and loses on glands (GlaS, the validation
+    # set that picks defaults); see the model card. Settings from ``propagation_config`` (a YAML
+    # file), else the shipped propagation.yaml.
+    propagation: bool = False
+    propagation_config: Path | None = None
 
     def __post_init__(self) -> None:
         for name in ("threads", "max_concurrent_rpcs", "max_concurrent_encodes", "cache_bytes", "max_sessions", "max_pixels", "max_message_bytes", "max_points"):
@@ -187,7 +195,7 @@ def _coerce(key: str, value: Any) -> Any:
     if key in ("bundles", "slide_roots"):
         items = [value] if isinstance(value, str | Path) else list(value)
         return tuple(Path(v) for v in items)
-    if key in ("models_dir", "token_file", "tls_cert", "tls_key"):
+    if key in ("models_dir", "token_file", "tls_cert", "tls_key", "propagation_config"):
         return Path(value)
     if key in ("port", "threads", "max_concurrent_rpcs", "max_concurrent_encodes", "ort_threads", "cache_bytes", "max_sessions", "max_pixels",
                "max_message_bytes", "max_points"):
@@ -200,8 +208,10 @@ def _coerce(key: str, value: Any) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise InvalidInputError(f"setting {key} must be a number, got {value!r}") from None
-    if key == "prefer_gpu":
-        return bool(value)
+    if key in ("prefer_gpu", "propagation"):
+        if not isinstance(value, bool):
+            raise InvalidInputError(f"setting {key} must be true or false, got {value!r}")
+        return value
     return value if value is None else str(value)
 
 
@@ -263,6 +273,9 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         self.sessions = SessionStore(settings.session_idle_seconds, settings.max_sessions)
         self._encode_slots = threading.BoundedSemaphore(settings.max_concurrent_encodes)
         self.token_required = token_required
+        self.propagation = (
+            PropagationSettings.load(settings.propagation_config) if settings.propagation else None
+        )
 
     # -- plumbing
     def _call(self, context: grpc.ServicerContext, name: str, fn: Callable[[], Any], request: Any = None) -> Any:
@@ -365,14 +378,15 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         with self._encode_slots:  # bounds the decode + encoder working memory
             return self._encode(model, pixels)
 
-    @staticmethod
-    def _encode(model: LoadedModel, pixels: Callable[[], np.ndarray]) -> Embedding:
+    def _encode(self, model: LoadedModel, pixels: Callable[[], np.ndarray]) -> Embedding:
         t0 = time.perf_counter()
         rgb = pixels()
         t1 = time.perf_counter()
         features = model.encoder(rgb)
+        # The walker's graph is per image like the embedding, and cached with it.
+        graph = ImageGraph.from_image(rgb, self.propagation) if self.propagation is not None else None
         t2 = time.perf_counter()
-        return Embedding(features, int(rgb.shape[0]), int(rgb.shape[1]), t2 - t1, t1 - t0)
+        return Embedding(features, int(rgb.shape[0]), int(rgb.shape[1]), t2 - t1, t1 - t0, graph)
 
     def _prompt(self, request: pb.ClickRequest, session: Session) -> Prompt:
         w, h, frame = session.width, session.height, session.frame
@@ -465,7 +479,11 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
 
         with session.lock:
             result, seconds, steps = session.resolve(prompt, decode)
-        mask = model.transform.logits_to_original(result.low_res, hw) > 0
+        logits = model.transform.logits_to_original(result.low_res, hw)
+        if embedding.graph is not None and len(prompt.points):
+            mask = embedding.graph.refine(result.low_res, model.transform, prompt.points, prompt.labels, logits)
+        else:
+            mask = logits > 0
         frame = session.frame
         polygons = mask_to_polygons(mask, origin=frame.origin, downsample=frame.downsample,
                                     simplify_tolerance=tolerance, min_area=min_area)

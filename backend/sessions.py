@@ -83,6 +83,7 @@ class Embedding:
     width: int
     encode_seconds: float = 0.0
     decode_image_seconds: float = 0.0
+    graph: Any = None  # histosam.backend.propagation.ImageGraph when click propagation is on
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -90,7 +91,8 @@ class Embedding:
 
     @property
     def nbytes(self) -> int:
-        return int(sum(a.nbytes for a in self.features.values()))
+        graph_bytes = 0 if self.graph is None else int(self.graph.nbytes)
+        return int(sum(a.nbytes for a in self.features.values())) + graph_bytes
 
 
 class EmbeddingCache:

@@ -309,16 +309,19 @@ def test_cli_both_backends_agree_on_a_tiny_bundle(tiny_bundle, data_dir, tmp_pat
     rc = main([
         "evaluate", "--model", str(tiny_bundle), "--backend", "both",
         "--data", str(data_dir / "patches" / "ocdc"), "--limit", "2", "--max-clicks", "3",
-        "--out", str(out), "--no-progress",
+        "--propagation", "both", "--out", str(out), "--no-progress",
     ])
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
     label = tiny_bundle.name
-    assert set(results["runs"]) == {f"{label}/torch", f"{label}/onnx"}
-    p = results["parity"][label]
-    assert p["flagged"] is False and p["n_noc_different"] == 0
-    assert p["identical_click_sequences"] == 2
-    assert p["max_low_res_logit_difference"] < 1e-2
+    assert set(results["runs"]) == {f"{label}/torch", f"{label}/onnx",
+                                    f"{label}/torch+propagation", f"{label}/onnx+propagation"}
+    assert results["config"]["propagation_settings"]["gamma"] > 0
+    for key in (label, label + "+propagation"):
+        p = results["parity"][key]
+        assert p["flagged"] is False and p["n_noc_different"] == 0
+        assert p["identical_click_sequences"] == 2
+        assert p["max_low_res_logit_difference"] < 1e-2
     assert "ONNX / PyTorch parity" in (out / "table.md").read_text()
 
 

@@ -27,10 +27,12 @@ from histosam.backend.catalog import cached_bundle_path
 from histosam.backend.errors import HistosamError, InvalidInputError, NotFoundError
 from histosam.backend.geometry import PolygonXY, mask_to_polygons, polygons_to_mask
 from histosam.backend.models import ModelStore, default_bundle_path
+from histosam.backend.propagation import ImageGraph, PropagationSettings
 from histosam.backend.server import (
     DEFAULT_MIN_AREA,
     SERVICE_NAME,
     SegmentationServer,
+    SegmentationServicer,
     ServerSettings,
 )
 from histosam.backend.sessions import Embedding, EmbeddingCache, Frame, SessionStore
@@ -479,6 +481,43 @@ def test_tls_server_and_port_conflicts(models, tmp_path):
         # The port is taken: a second server on it fails with one clear error.
         with pytest.raises(HistosamError, match="cannot listen"):
             SegmentationServer(ServerSettings(port=srv.port, threads=1), models=models).start()
+
+
+def test_clicks_spread_through_propagation_unless_turned_off(models, server, image_png, tmp_path):
+    """The served mask is the decoder's answer refined by the click-seeded random walker."""
+    img = synthetic_image()
+    points = np.array([[100.0, 100.0], [250.0, 120.0]])
+    labels = np.array([1, 0])
+    model = models.default
+    features = model.encoder(img)
+    first, _ = model.decoder(features, (H, W), points[:1], labels[:1], None, None)
+    second, _ = model.decoder(features, (H, W), points, labels, None, first)
+    graph = ImageGraph.from_image(img, PropagationSettings.load())
+    expected = {True: graph.refine(second, model.transform, points, labels),
+                False: model.transform.logits_to_original(second, (H, W)) > 0}
+    assert not np.array_equal(expected[True], expected[False])  # the walker did change something
+    spreading = SegmentationServer(ServerSettings(port=0, threads=2, ort_threads=1, propagation=True), models=models)
+    spreading.start()
+    try:
+        for srv, on in ((spreading, True), (server, False)):  # the module's server has the default: off
+            with grpc.insecure_channel(srv.address) as channel:
+                stub = pb_grpc.SegmentationStub(channel)
+                sid = open_image(stub, image_png).session_id
+                request = pb.ClickRequest(session_id=sid, points=pts((100.0, 100.0, True), (250.0, 120.0, False)),
+                                          want_mask_png=True, min_area=0)
+                mask = decode_png_mask(stub.Click(request, timeout=30).mask_png)
+                assert iou(mask, expected[on]) > 0.999, on
+    finally:
+        spreading.stop(0)
+    custom = tmp_path / "p.yaml"
+    custom.write_text("gamma: 0.5\n")
+    assert SegmentationServicer(ServerSettings(), models, False).propagation is None
+    on = SegmentationServicer(ServerSettings(propagation=True, propagation_config=custom), models, False)
+    assert on.propagation.gamma == 0.5
+    with pytest.raises(InvalidInputError, match="true or false"):
+        ServerSettings.from_mapping({"propagation": "yes"})
+    with pytest.raises(NotFoundError, match="propagation config"):
+        SegmentationServicer(ServerSettings(propagation=True, propagation_config=tmp_path / "none.yaml"), models, False)
 
 
 def test_settings_validation_and_mapping(tmp_path):

@@ -8,6 +8,7 @@ runs the PyTorch model and its ONNX bundle in lockstep and adds a parity section
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 LEARNED_BACKENDS = ("torch", "onnx")
@@ -46,6 +47,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--full-curve", action="store_true", help="always make --max-clicks clicks (exact mIoU per click)")
     p.add_argument("--limit", type=int, help="evaluate only the first N kept samples of each --data folder")
     p.add_argument("--out", type=Path, required=True, help="output folder for results.json, table.md, miou_per_click.png")
+    p.add_argument(
+        "--propagation", choices=("on", "off", "both"), default="off",
+        help="learned models: the model's mask alone (off, the default, as `histosam serve`), spread by the "
+        "click-seeded random walker (on, as `histosam serve --propagation`), or both runs",
+    )
+    p.add_argument("--propagation-config", type=Path, metavar="F",
+                   help="YAML of click-propagation settings (default: the shipped propagation.yaml)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -82,6 +90,13 @@ def load_torch(model: str):
     return TorchPredictor.from_spec(model)
 
 
+def with_propagation(predictor, settings):
+    """``predictor`` as the server answers a click: its mask spread by the random walker."""
+    from histosam.backend.propagation import PropagatingPredictor
+
+    return PropagatingPredictor(predictor, settings, predictor.transform)
+
+
 def _needs_torch(model: str, exc: ImportError):
     from histosam.backend.errors import HistosamError
 
@@ -101,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         select_samples,
         summarise_run,
     )
+    from histosam.backend.propagation import PropagationSettings
     from histosam.backend.report import flag_line, render_table, write_report
 
     backends = list(dict.fromkeys(args.backend))  # unique, order kept
@@ -123,20 +139,32 @@ def run(args: argparse.Namespace) -> int:
         summary.update(n_kept=selection.n_kept, n_total=selection.n_total)
         runs[key] = summary
 
+    settings = PropagationSettings.load(args.propagation_config) if args.propagation != "off" else None
+    # Run-key suffixes: "+propagation" marks the server's answer, "" the model's mask alone.
+    variants = {"on": ["+propagation"], "off": [""], "both": ["", "+propagation"]}[args.propagation]
+
+    def variant(predictor, suffix: str):
+        return with_propagation(predictor, settings) if suffix else predictor
+
     for backend in backends:
         if backend in BASELINES:
             add_run(backend, evaluate_predictor(BASELINES[backend](), samples, config, backend, progress))
         elif backend == "both":
             label = model_label(args.model)
             torch_pred, onnx_pred = load_torch(args.model), load_onnx(args.model)
-            res_t, res_o, diffs = evaluate_pair(torch_pred, onnx_pred, samples, config, f"{label} torch+onnx", progress)
-            add_run(f"{label}/torch", res_t)
-            add_run(f"{label}/onnx", res_o)
-            parity[label] = parity_summary(res_t, res_o, diffs, config, f"{label}/torch", f"{label}/onnx")
+            for suffix in variants:
+                kt, ko = f"{label}/torch{suffix}", f"{label}/onnx{suffix}"
+                res_t, res_o, diffs = evaluate_pair(variant(torch_pred, suffix), variant(onnx_pred, suffix),
+                                                    samples, config, f"{label} torch+onnx{suffix}", progress)
+                add_run(kt, res_t)
+                add_run(ko, res_o)
+                parity[label + suffix] = parity_summary(res_t, res_o, diffs, config, kt, ko)
         else:
             label = model_label(args.model)
             predictor = load_torch(args.model) if backend == "torch" else load_onnx(args.model)
-            add_run(f"{label}/{backend}", evaluate_predictor(predictor, samples, config, f"{label}/{backend}", progress))
+            for suffix in variants:
+                key = f"{label}/{backend}{suffix}"
+                add_run(key, evaluate_predictor(variant(predictor, suffix), samples, config, key, progress))
 
     results = {
         "config": {
@@ -149,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
             "stop_iou": config.stop_iou,
             "full_curve": config.full_curve,
             "limit": args.limit,
+            "propagation": args.propagation,
+            "propagation_settings": dataclasses.asdict(settings) if settings is not None else None,
         },
         "n": len(samples),
         "n_kept": selection.n_kept,

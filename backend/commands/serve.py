@@ -57,6 +57,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-points", type=int, default=S, metavar="N", help="points per click (default 100)")
     p.add_argument("--grace-seconds", type=float, default=S, metavar="S",
                    help="time running calls get to finish on shutdown (default 5)")
+    p.add_argument("--propagation", action="store_true", default=S,
+                   help="spread each click over its colour region with a random walker seeded by the clicks, the "
+                   "model's mask as its prior (for tumour regions with soft borders; off by default)")
+    p.add_argument("--propagation-config", type=Path, default=S, metavar="F",
+                   help="YAML of click-propagation settings (default: the shipped propagation.yaml)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=run)
 
@@ -64,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 SETTING_FLAGS = (
     "host", "port", "models", "default_model", "slide_root", "token_file", "tls_cert", "tls_key", "threads",
     "max_concurrent_rpcs", "max_concurrent_encodes", "ort_threads", "prefer_gpu", "cache_bytes", "session_idle_seconds", "max_sessions", "max_pixels",
-    "max_message_bytes", "max_points", "grace_seconds",
+    "max_message_bytes", "max_points", "grace_seconds", "propagation", "propagation_config",
 )
 
 
@@ -88,7 +93,7 @@ def load_config(path: Path) -> dict[str, Any]:
     for key, value in data.items():
         key = str(key).replace("-", "_")
         # Relative paths in a config file are relative to the file, not to the working directory.
-        if key in ("models", "models_dir", "token_file", "tls_cert", "tls_key") and value is not None:
+        if key in ("models", "models_dir", "token_file", "tls_cert", "tls_key", "propagation_config") and value is not None:
             value = base / Path(str(value)).expanduser()
         elif key in ("slide_root", "slide_roots") and value is not None:
             values = [value] if isinstance(value, str) else list(value)

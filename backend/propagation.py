@@ -1,0 +1,245 @@
+"""Click propagation: the model's mask is the prior of a click-seeded random walker.
+
+Why. The decoder reads a frozen 64x64 image embedding, so a click changes the mask only near
+itself (issue 9). On tumour *regions* that is fatal: over 20 clicks the shipped decoder went
+from mIoU 0.34 to 0.40 on OCDC patches, while a click-seeded random walker, which spreads each
+click over the region of similar colour, went from 0.53 to 0.89. The random walker alone is
+poor where the model is good (a first click on a GlaS gland: 0.51 against the model's 0.74).
+This module lets each do what it is good at.
+
+What. Grady's random walker with a prior (Grady 2005, "Multilabel random walker image
+segmentation using prior models"): on a downscaled copy of the image, minimise
+
+    x^T L x + sum_i g_i [p_i (1 - x_i)^2 + (1 - p_i) x_i^2]
+
+over the foreground probability ``x`` of every pixel, with ``x`` pinned to the click's label on
+a disk around each click. ``L`` is the 4-neighbour graph Laplacian in CIELAB with weights
+``exp(-beta d^2 / mean(d^2))``; ``p = sigmoid(logit / temperature)`` is the model's
+probability; ``g_i = gamma |2 p_i - 1|`` trusts the model where it is confident and lets the
+clicks decide where it is not. The minimiser solves one sparse symmetric positive definite
+system, ``(L + diag(g)) x = g p`` (clicks are pins with a weight far above any edge), by a
+direct factorisation (SuperLU in symmetric mode): iterative solvers stall on these
+ill-conditioned systems and leave wrong labels far from the clicks.
+
+The answer keeps the model's detail: the walker's *change* ``x - p``, upsampled, is added to the
+model's full-resolution probability, so where the walker agrees with the model the mask is the
+model's own (the working copy is 160 px on its longest side, coarser than the model's
+256x256 logits).
+
+Everything here is numpy/scipy on the serving side: the server, the evaluator and both
+predictors use it, so what ``histosam evaluate`` measures is what a click returns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.linalg import splu
+
+from histosam.backend.errors import InvalidInputError, NotFoundError
+from histosam.backend.predictor import Prediction, Predictor
+from histosam.backend.transforms import LOW_RES, ImageTransform, validate_rgb
+
+DEFAULT_CONFIG = Path(__file__).with_name("propagation.yaml")
+PIN_WEIGHT = 1e4  # pins a clicked pixel: far above any edge weight (<= 1) or prior weight
+PRIOR_FLOOR = 1e-4  # keeps the system definite where the model is undecided (p = 0.5)
+
+
+@dataclass(frozen=True)
+class PropagationSettings:
+    """How strongly clicks spread. Defaults live in ``propagation.yaml`` beside this module."""
+
+    gamma: float = 0.003  # prior weight at full model confidence (smaller: clicks spread further)
+    beta: float = 5.0  # edge contrast (larger: colour edges stop the spread harder)
+    temperature: float = 4.0  # logit scale of the model's probability
+    working_side: int = 160  # longest side of the copy the walker runs on, pixels
+    click_radius: float = 5.0  # pinned disk around each click, full-resolution pixels
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise InvalidInputError(f"propagation setting {f.name} must be a positive number, got {value!r}")
+        if self.working_side < 8:
+            raise InvalidInputError(f"propagation working_side must be at least 8, got {self.working_side}")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> PropagationSettings:
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise InvalidInputError(f"unknown propagation setting(s) {unknown}; known: {sorted(known)}")
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            try:
+                values[key] = int(value) if key == "working_side" else float(value)
+            except (TypeError, ValueError):
+                raise InvalidInputError(f"propagation setting {key} must be a number, got {value!r}") from None
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> PropagationSettings:
+        """Settings from a YAML mapping (``None``: the shipped defaults)."""
+        import yaml
+
+        path = Path(path) if path is not None else DEFAULT_CONFIG
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise NotFoundError(f"cannot read propagation config {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise InvalidInputError(f"propagation config {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, Mapping):
+            raise InvalidInputError(f"propagation config {path} must be a mapping of settings")
+        return cls.from_mapping(data)
+
+
+def _laplacian(lab: np.ndarray, beta: float) -> sp.csc_matrix:
+    """4-neighbour graph Laplacian of an (h, w, 3) float image, weights exp(-beta d^2 / mean d^2).
+
+    Built from its five diagonals (pixel i's right neighbour is i + 1, its lower one i + w).
+    """
+    h, w = lab.shape[:2]
+    d_h = ((lab[:, 1:] - lab[:, :-1]) ** 2).sum(-1)
+    d_v = ((lab[1:] - lab[:-1]) ** 2).sum(-1)
+    mean = (d_h.sum() + d_v.sum()) / max(1, d_h.size + d_v.size) + 1e-12
+    # The small floor keeps every pixel connected (a flat-coloured island still gets an answer).
+    right = np.zeros((h, w))
+    right[:, :-1] = np.exp(-beta * d_h / mean) + 1e-6  # weight to the right neighbour; 0 at the row end
+    down = np.exp(-beta * d_v / mean).ravel() + 1e-6
+    right = right.ravel()[:-1]
+    degree = np.zeros(h * w)
+    degree[:-1] += right
+    degree[1:] += right
+    degree[:-w] += down
+    degree[w:] += down
+    return sp.diags([degree, -right, -right, -down, -down], [0, 1, -1, w, -w], format="csc")
+
+
+@dataclass(frozen=True)
+class ImageGraph:
+    """The per-image half of the work, done once when an image is opened."""
+
+    laplacian: sp.csc_matrix
+    small_hw: tuple[int, int]
+    full_hw: tuple[int, int]
+    settings: PropagationSettings
+
+    @classmethod
+    def from_image(cls, image: np.ndarray, settings: PropagationSettings) -> ImageGraph:
+        rgb = validate_rgb(image)
+        h, w = rgb.shape[:2]
+        scale = min(1.0, settings.working_side / max(h, w))
+        hs, ws = max(2, round(h * scale)), max(2, round(w * scale))
+        small = cv2.resize(rgb, (ws, hs), interpolation=cv2.INTER_AREA) if (hs, ws) != (h, w) else rgb
+        lab = cv2.cvtColor(small, cv2.COLOR_RGB2LAB).astype(np.float64)
+        return cls(_laplacian(lab, settings.beta), (hs, ws), (h, w), settings)
+
+    @property
+    def nbytes(self) -> int:
+        m = self.laplacian
+        return int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes)
+
+    def _small_logits(self, low_res: np.ndarray, transform: ImageTransform) -> np.ndarray:
+        """The model's (256, 256) letterboxed logits resampled onto the working grid."""
+        h, w = self.full_hw
+        nh, nw = transform.resized_shape(h, w)
+        f = LOW_RES / transform.input_size
+        lh, lw = max(1, round(nh * f)), max(1, round(nw * f))
+        valid = np.asarray(low_res, np.float32).reshape(LOW_RES, LOW_RES)[:lh, :lw]
+        hs, ws = self.small_hw
+        interp = cv2.INTER_AREA if hs * ws < lh * lw else cv2.INTER_LINEAR
+        return cv2.resize(valid, (ws, hs), interpolation=interp)
+
+    def _pins(self, points: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """(hs, ws) int8: 1 / 0 on positive / negative click disks, -1 elsewhere (later wins)."""
+        hs, ws = self.small_hw
+        h, w = self.full_hw
+        sy, sx = hs / h, ws / w
+        pins = np.full((hs, ws), -1, np.int8)
+        radius = max(1, round(self.settings.click_radius * min(sx, sy)))
+        for (x, y), label in zip(np.asarray(points, np.float64).reshape(-1, 2), np.asarray(labels).reshape(-1),
+                                 strict=True):
+            if label not in (0, 1) or not (math.isfinite(x) and math.isfinite(y)):
+                continue  # box corners and padding points are not clicks
+            centre = (int(min(ws - 1, max(0, x * sx))), int(min(hs - 1, max(0, y * sy))))
+            cv2.circle(pins, centre, radius, int(label), -1)
+        return pins
+
+    def probability_change(
+        self, low_res: np.ndarray, transform: ImageTransform, points: np.ndarray, labels: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(walker probability, model probability) on the working grid, both (hs, ws) float32."""
+        s = self.settings
+        prior = 1.0 / (1.0 + np.exp(-np.clip(self._small_logits(low_res, transform) / s.temperature, -30, 30)))
+        prior = prior.astype(np.float64).ravel()
+        weight = s.gamma * np.abs(2.0 * prior - 1.0) + PRIOR_FLOOR
+        target = prior.copy()
+        pins = self._pins(points, labels).ravel()
+        pinned = pins >= 0
+        weight[pinned] = PIN_WEIGHT
+        target[pinned] = pins[pinned]
+        system = (self.laplacian + sp.diags(weight)).tocsc()
+        solver = splu(system, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+        x = np.clip(solver.solve(weight * target), 0.0, 1.0)
+        hs, ws = self.small_hw
+        return x.reshape(hs, ws).astype(np.float32), prior.reshape(hs, ws).astype(np.float32)
+
+    def refine(
+        self,
+        low_res: np.ndarray,
+        transform: ImageTransform,
+        points: np.ndarray,
+        labels: np.ndarray,
+        full_logits: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """The propagated mask, (H, W) bool: model probability + upsampled walker change >= 0.5."""
+        h, w = self.full_hw
+        if full_logits is None:
+            full_logits = transform.logits_to_original(low_res, (h, w))
+        walker, prior = self.probability_change(low_res, transform, points, labels)
+        change = cv2.resize(walker - prior, (w, h), interpolation=cv2.INTER_LINEAR)
+        t = self.settings.temperature
+        model = 1.0 / (1.0 + np.exp(-np.clip(np.asarray(full_logits, np.float32) / t, -30, 30)))
+        return (model + change) >= 0.5
+
+
+class PropagatingPredictor:
+    """Any ``Predictor`` with click propagation applied to its masks.
+
+    ``low_res_logits`` stay the model's own: they are the mask prompt the model was trained
+    to receive with the next click.
+    """
+
+    def __init__(self, inner: Predictor, settings: PropagationSettings, transform: ImageTransform) -> None:
+        self.inner = inner
+        self.settings = settings
+        self.transform = transform
+        self.name = f"{getattr(inner, 'name', 'model')}+propagation"
+        self._graph: ImageGraph | None = None
+
+    def set_image(self, image: np.ndarray) -> None:
+        self.inner.set_image(image)
+        self._graph = ImageGraph.from_image(image, self.settings)
+
+    def predict(
+        self,
+        points: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_logits: np.ndarray | None = None,
+    ) -> Prediction:
+        if self._graph is None:
+            raise InvalidInputError("set_image must be called before predict")
+        p = self.inner.predict(points=points, labels=labels, box=box, mask_logits=mask_logits)
+        if points is None or labels is None or len(np.asarray(points).reshape(-1, 2)) == 0:
+            return p
+        mask = self._graph.refine(p.low_res_logits, self.transform, points, labels)
+        return Prediction(mask=mask, low_res_logits=p.low_res_logits, iou=p.iou)

@@ -1,0 +1,147 @@
+"""Click propagation: the model's mask as the prior of a click-seeded random walker."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from histosam.backend.errors import InvalidInputError, NotFoundError
+from histosam.backend.onnx_predictor import OnnxPredictor
+from histosam.backend.propagation import (
+    DEFAULT_CONFIG,
+    ImageGraph,
+    PropagatingPredictor,
+    PropagationSettings,
+)
+from histosam.backend.transforms import LOW_RES, ImageTransform
+
+FRAME = ImageTransform(input_size=256, mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0))
+H, W = 120, 200
+
+
+def two_regions(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy pink left part, purple right part split by a wavy border; and the left part's mask."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:H, :W]
+    left = xx < 90 + 12 * np.sin(yy / 9.0)
+    img = np.where(left[..., None], np.array([225, 150, 190]), np.array([110, 60, 150])).astype(np.float64)
+    img += rng.normal(0, 6, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8), left
+
+
+def low_res_of(logits_full: np.ndarray) -> np.ndarray:
+    """Full-size logits in the model's letterboxed (256, 256) frame (what a decoder returns)."""
+    import cv2
+
+    nh, nw = FRAME.resized_shape(H, W)
+    out = np.full((LOW_RES, LOW_RES), -20.0, np.float32)
+    out[:nh, :nw] = cv2.resize(logits_full.astype(np.float32), (nw, nh), interpolation=cv2.INTER_LINEAR)
+    return out
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def test_shipped_settings_load_and_bad_settings_are_one_clear_error(tmp_path):
+    shipped = PropagationSettings.load()
+    assert DEFAULT_CONFIG.is_file() and shipped == PropagationSettings.load(DEFAULT_CONFIG)
+    assert 0 < shipped.gamma < 1 and shipped.working_side >= 64
+    custom = tmp_path / "p.yaml"
+    custom.write_text("gamma: 0.5\nworking_side: 64\n")
+    assert PropagationSettings.load(custom) == PropagationSettings(gamma=0.5, working_side=64)
+    for text, message in (("gama: 1\n", "unknown propagation setting"), ("beta: -1\n", "positive"),
+                          ("beta: x\n", "must be a number"), ("- 1\n", "mapping"), ("a: [\n", "not valid YAML")):
+        custom.write_text(text)
+        with pytest.raises(InvalidInputError, match=message):
+            PropagationSettings.load(custom)
+    with pytest.raises(NotFoundError, match="cannot read"):
+        PropagationSettings.load(tmp_path / "missing.yaml")
+
+
+def test_an_undecided_model_lets_two_clicks_fill_their_colour_regions():
+    img, left = two_regions()
+    graph = ImageGraph.from_image(img, PropagationSettings())
+    undecided = low_res_of(np.zeros((H, W)))
+    mask = graph.refine(undecided, FRAME, np.array([[20.0, 60.0], [180.0, 60.0]]), np.array([1, 0]))
+    assert mask.shape == (H, W)
+    assert iou(mask, left) > 0.95  # each click spread over its own region, stopped at the colour edge
+    # Swapping the labels swaps the answer.
+    swapped = graph.refine(undecided, FRAME, np.array([[20.0, 60.0], [180.0, 60.0]]), np.array([0, 1]))
+    assert iou(swapped, ~left) > 0.95
+
+
+def test_the_mask_keeps_the_models_full_resolution_detail_on_a_coarse_walker_grid():
+    img, left = two_regions()
+    logits = np.where(left, 12.0, -12.0)  # a confident model that follows the wavy border exactly
+    coarse = ImageGraph.from_image(img, PropagationSettings(working_side=40))  # 5x coarser than the image
+    assert coarse.small_hw == (24, 40)
+    mask = coarse.refine(low_res_of(logits), FRAME, np.array([[20.0, 60.0]]), np.array([1]))
+    assert iou(mask, left) > 0.97  # the walker only adds its change: the border is the model's
+    walker, _ = coarse.probability_change(low_res_of(logits), FRAME, np.array([[20.0, 60.0]]), np.array([1]))
+    import cv2
+
+    blocky = cv2.resize(walker, (W, H), interpolation=cv2.INTER_LINEAR) >= 0.5
+    assert iou(mask, left) > iou(blocky, left)
+
+
+def test_a_negative_click_spreads_within_its_colour_region_and_stops_at_the_edge():
+    img, left = two_regions()
+    graph = ImageGraph.from_image(img, PropagationSettings())
+    # The model says "everything" with modest confidence; a negative click on the purple part.
+    low = low_res_of(np.full((H, W), 2.0))
+    mask = graph.refine(low, FRAME, np.array([[20.0, 60.0], [170.0, 90.0]]), np.array([1, 0]))
+    assert not mask[90, 170] and mask[60, 20]
+    removed = ~mask
+    assert removed.sum() > 10 * np.pi * 5**2  # far more than the pinned 5-px disk
+    assert (removed & left).sum() < 0.01 * left.sum()  # and not across the colour edge
+
+
+def test_box_corners_and_padding_points_are_not_clicks():
+    img, _ = two_regions()
+    graph = ImageGraph.from_image(img, PropagationSettings())
+    low = low_res_of(np.zeros((H, W)))
+    pts = np.array([[20.0, 60.0], [0.0, 0.0], [199.0, 119.0], [0.0, 0.0]])
+    with_extras = graph.refine(low, FRAME, pts, np.array([1, 2, 3, -1]))
+    alone = graph.refine(low, FRAME, pts[:1], np.array([1]))
+    assert np.array_equal(with_extras, alone)
+
+
+def test_graph_of_a_large_image_is_built_on_a_small_copy():
+    img = np.zeros((2000, 3000, 3), np.uint8)
+    graph = ImageGraph.from_image(img, PropagationSettings(working_side=100))
+    assert graph.small_hw == (67, 100) and graph.full_hw == (2000, 3000)
+    assert graph.laplacian.shape == (6700, 6700) and graph.nbytes > 0
+
+
+@pytest.mark.slow
+def test_propagating_predictor_wraps_a_real_bundle(tiny_bundle):
+    img, _ = two_regions()
+    inner = OnnxPredictor.from_bundle(tiny_bundle, threads=1)
+    wrapped = PropagatingPredictor(inner, PropagationSettings(), inner.transform)
+    with pytest.raises(InvalidInputError, match="set_image"):
+        wrapped.predict(points=np.array([[5.0, 5.0]]), labels=np.array([1]))
+    wrapped.set_image(img)
+    inner.set_image(img)
+    pts, labels = np.array([[20.0, 60.0], [180.0, 60.0]]), np.array([1, 0])
+    p = wrapped.predict(points=pts, labels=labels)
+    q = inner.predict(points=pts, labels=labels)
+    assert np.array_equal(p.low_res_logits, q.low_res_logits)  # the model's own state goes on
+    graph = ImageGraph.from_image(img, PropagationSettings())
+    assert np.array_equal(p.mask, graph.refine(q.low_res_logits, inner.transform, pts, labels))
+    assert p.mask[60, 20] and not p.mask[60, 180]  # the clicks are obeyed whatever the random model says
+
+
+def test_serve_flags_and_config_file_turn_propagation_on(tmp_path):
+    from histosam.backend.cli import build_parser
+    from histosam.backend.commands.serve import settings_from_args
+
+    parser = build_parser()
+    assert settings_from_args(parser.parse_args(["serve"])).propagation is False
+    flagged = settings_from_args(parser.parse_args(["serve", "--propagation"]))
+    assert flagged.propagation is True and flagged.propagation_config is None
+    (tmp_path / "p.yaml").write_text("gamma: 0.01\n")
+    (tmp_path / "serve.yaml").write_text("propagation: true\npropagation_config: p.yaml\n")
+    from_file = settings_from_args(parser.parse_args(["serve", "--config", str(tmp_path / "serve.yaml")]))
+    assert from_file.propagation is True
+    assert from_file.propagation_config == tmp_path / "p.yaml"  # relative to the config file
