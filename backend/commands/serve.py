@@ -161,6 +161,9 @@ def _serve(settings) -> int:
         print(f"histosam serve: listening on {server.address} ({secure}, {auth})", flush=True)
         print(f"histosam serve: models {', '.join(server.models.names)} (default {server.models.default_name}); "
               f"providers {', '.join(server.providers)}", flush=True)
+        spread = server.servicer.propagation if server.servicer else None
+        print("histosam serve: click propagation " + ("off" if spread is None else
+              f"on (gamma {spread.gamma:g}, beta {spread.beta:g}, {spread.working_side} px walker grid)"), flush=True)
         if not _is_loopback(settings.host) and not (settings.tls_cert and server.servicer.token_required):
             print("histosam serve: warning: listening beyond this machine without TLS and a token",
                   file=sys.stderr, flush=True)
