@@ -101,6 +101,11 @@ class PropagationSettings:
         return cls.from_mapping(data)
 
 
+def _probability(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """sigmoid(logits / temperature), clipped so large logits cannot overflow exp."""
+    return 1.0 / (1.0 + np.exp(-np.clip(logits / temperature, -30.0, 30.0)))
+
+
 def _laplacian(lab: np.ndarray, beta: float) -> sp.csc_matrix:
     """4-neighbour graph Laplacian of an (h, w, 3) float image, weights exp(-beta d^2 / mean d^2).
 
@@ -183,10 +188,7 @@ class ImageGraph:
 
     def _small_logits(self, low_res: np.ndarray, transform: ImageTransform) -> np.ndarray:
         """The model's (256, 256) letterboxed logits resampled onto the working grid."""
-        h, w = self.full_hw
-        nh, nw = transform.resized_shape(h, w)
-        f = LOW_RES / transform.input_size
-        lh, lw = max(1, round(nh * f)), max(1, round(nw * f))
+        lh, lw = transform.low_res_shape(*self.full_hw)
         valid = np.asarray(low_res, np.float32).reshape(LOW_RES, LOW_RES)[:lh, :lw]
         hs, ws = self.small_hw
         interp = cv2.INTER_AREA if hs * ws < lh * lw else cv2.INTER_LINEAR
@@ -212,8 +214,7 @@ class ImageGraph:
     ) -> tuple[np.ndarray, np.ndarray]:
         """(walker probability, model probability) on the working grid, both (hs, ws) float32."""
         s = self.settings
-        prior = 1.0 / (1.0 + np.exp(-np.clip(self._small_logits(low_res, transform) / s.temperature, -30, 30)))
-        prior = prior.astype(np.float64).ravel()
+        prior = _probability(self._small_logits(low_res, transform), s.temperature).astype(np.float64).ravel()
         weight = s.gamma * np.abs(2.0 * prior - 1.0) + PRIOR_FLOOR
         target = prior.copy()
         pins = self._pins(points, labels).ravel()
@@ -243,9 +244,7 @@ class ImageGraph:
             full_logits = transform.logits_to_original(low_res, (h, w))
         walker, prior = self.probability_change(low_res, transform, points, labels)
         change = cv2.resize(walker - prior, (w, h), interpolation=cv2.INTER_LINEAR)
-        t = self.settings.temperature
-        model = 1.0 / (1.0 + np.exp(-np.clip(np.asarray(full_logits, np.float32) / t, -30, 30)))
-        return (model + change) >= 0.5
+        return (_probability(np.asarray(full_logits, np.float32), self.settings.temperature) + change) >= 0.5
 
 
 class PropagatingPredictor:

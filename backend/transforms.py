@@ -75,15 +75,18 @@ class ImageTransform:
         up = cv2.resize(low_res, (self.input_size, self.input_size), interpolation=cv2.INTER_LINEAR)
         return cv2.resize(up[:nh, :nw], (w, h), interpolation=cv2.INTER_LINEAR)
 
+    def low_res_shape(self, height: int, width: int) -> tuple[int, int]:
+        """The image's part (top-left) of the (256, 256) low-res frame; the rest is padding."""
+        nh, nw = self.resized_shape(height, width)
+        scale = LOW_RES / self.input_size
+        return max(1, round(nh * scale)), max(1, round(nw * scale))
+
     def mask_to_low_res(self, mask: np.ndarray) -> np.ndarray:
         """(H, W) bool mask -> (256, 256) float32 in {0, 1}, letterboxed like the image.
 
         Used for training targets and to turn an existing annotation into a mask prompt.
         """
-        h, w = mask.shape[:2]
-        nh, nw = self.resized_shape(h, w)
-        scale = LOW_RES / self.input_size
-        lh, lw = max(1, round(nh * scale)), max(1, round(nw * scale))
+        lh, lw = self.low_res_shape(*mask.shape[:2])
         small = cv2.resize(mask.astype(np.float32), (lw, lh), interpolation=cv2.INTER_AREA)
         out = np.zeros((LOW_RES, LOW_RES), np.float32)
         out[:lh, :lw] = small > 0.5
