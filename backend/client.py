@@ -128,6 +128,11 @@ class ClickResult:
     response: pb.ClickResponse
 
     @property
+    def propagated(self) -> bool:
+        """The server spread the clicks with click propagation (see ClickRequest.propagation)."""
+        return bool(self.response.propagated)
+
+    @property
     def mask(self) -> np.ndarray | None:
         """(H, W) bool image-pixel mask, when the click asked for it."""
         return decode_mask_png(self.mask_png) if self.mask_png else None
@@ -313,8 +318,13 @@ class SegmentationClient:
         min_area: float | None = None,
         mask_prompt_png: bytes | None = None,
         mask_prompt_polygons: Iterable[PolygonXY] | None = None,
+        propagation: bool | None = None,
     ) -> ClickResult:
-        """All points so far (and/or a box) -> the mask; re-opens once on NOT_FOUND."""
+        """All points so far (and/or a box) -> the mask; re-opens once on NOT_FOUND.
+
+        ``propagation``: True / False turn click propagation on / off for this answer; None
+        leaves it to the server's default.
+        """
         request = pb.ClickRequest(
             points=_points(points),
             want_mask_png=want_mask,
@@ -327,6 +337,8 @@ class SegmentationClient:
             request.box.CopyFrom(pb.Box(x0=x0, y0=y0, x1=x1, y1=y1))
         if min_area is not None:
             request.min_area = float(min_area)
+        if propagation is not None:
+            request.propagation = pb.PROPAGATION_ON if propagation else pb.PROPAGATION_OFF
         reopened = False
         request.session_id = session.session_id
         try:

@@ -169,17 +169,36 @@ class ImageGraph:
     full_hw: tuple[int, int]
     settings: PropagationSettings
 
-    @classmethod
-    def from_image(cls, image: np.ndarray, settings: PropagationSettings) -> ImageGraph:
+    @staticmethod
+    def working_image(image: np.ndarray, settings: PropagationSettings) -> np.ndarray:
+        """The RGB copy the walker runs on (at most ``working_side`` px a side), uint8.
+
+        Small (<= 77 KB at 160 px) so a server keeps it with every embedding and can build
+        the graph later, when a click first asks for propagation.
+        """
         rgb = validate_rgb(image)
         h, w = rgb.shape[:2]
         scale = min(1.0, settings.working_side / max(h, w))
         hs, ws = max(2, round(h * scale)), max(2, round(w * scale))
-        small = cv2.resize(rgb, (ws, hs), interpolation=cv2.INTER_AREA) if (hs, ws) != (h, w) else rgb
-        lab = cv2.cvtColor(small, cv2.COLOR_RGB2LAB).astype(np.float64)
+        if (hs, ws) == (h, w):
+            return np.ascontiguousarray(rgb)
+        return cv2.resize(rgb, (ws, hs), interpolation=cv2.INTER_AREA)
+
+    @classmethod
+    def from_working_image(
+        cls, small: np.ndarray, full_hw: tuple[int, int], settings: PropagationSettings
+    ) -> ImageGraph:
+        """The graph from ``working_image``'s output; ``full_hw`` is the original image's size."""
+        hs, ws = small.shape[:2]
+        lab = cv2.cvtColor(np.ascontiguousarray(small), cv2.COLOR_RGB2LAB).astype(np.float64)
         order = nested_dissection(hs, ws)
         laplacian = _laplacian(lab, settings.beta)[order][:, order].tocsc()
-        return cls(laplacian, order, (hs, ws), (h, w), settings)
+        return cls(laplacian, order, (hs, ws), (int(full_hw[0]), int(full_hw[1])), settings)
+
+    @classmethod
+    def from_image(cls, image: np.ndarray, settings: PropagationSettings) -> ImageGraph:
+        rgb = validate_rgb(image)
+        return cls.from_working_image(cls.working_image(rgb, settings), rgb.shape[:2], settings)
 
     @property
     def nbytes(self) -> int:

@@ -132,10 +132,11 @@ class ServerSettings:
     max_points: int = 100
     grace_seconds: float = 5.0
     # Click propagation (backend/propagation.py): the model's mask as the prior of a
-    # click-seeded random walker, so a click spreads over its colour region. Off by default: it
-    # wins on tumour regions with soft borders (OCDC) and loses on glands (GlaS, the validation
-    # set that picks defaults); see the model card. Settings from ``propagation_config`` (a YAML
-    # file), else the shipped propagation.yaml.
+    # click-seeded random walker, so a click spreads over its colour region. This is what a
+    # Click gets when it does not choose (ClickRequest.propagation); every click may choose.
+    # Off by default: it wins on tumour regions with soft borders (OCDC) and loses on glands
+    # (GlaS, the validation set that picks defaults); see the model card. Settings from
+    # ``propagation_config`` (a YAML file), else the shipped propagation.yaml.
     propagation: bool = False
     propagation_config: Path | None = None
 
@@ -273,9 +274,8 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         self.sessions = SessionStore(settings.session_idle_seconds, settings.max_sessions)
         self._encode_slots = threading.BoundedSemaphore(settings.max_concurrent_encodes)
         self.token_required = token_required
-        self.propagation = (
-            PropagationSettings.load(settings.propagation_config) if settings.propagation else None
-        )
+        # Loaded (and checked) even when off by default: any click may ask for propagation.
+        self.propagation = PropagationSettings.load(settings.propagation_config)
 
     # -- plumbing
     def _call(self, context: grpc.ServicerContext, name: str, fn: Callable[[], Any], request: Any = None) -> Any:
@@ -331,6 +331,7 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
             open_sessions=len(self.sessions),
             cache_used_bytes=self.cache.used_bytes,
             cache_entries=len(self.cache),
+            propagation_default=s.propagation,
         )
 
     def _open(self, request: pb.OpenImageRequest) -> pb.OpenImageResponse:
@@ -383,10 +384,33 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         rgb = pixels()
         t1 = time.perf_counter()
         features = model.encoder(rgb)
-        # The walker's graph is per image like the embedding, and cached with it.
-        graph = ImageGraph.from_image(rgb, self.propagation) if self.propagation is not None else None
+        # The walker's graph is per image like the embedding, and cached with it: built now when
+        # clicks propagate by default, else from the small copy when a click first asks.
+        small = ImageGraph.working_image(rgb, self.propagation)
+        graph = (ImageGraph.from_working_image(small, rgb.shape[:2], self.propagation)
+                 if self.settings.propagation else None)
         t2 = time.perf_counter()
-        return Embedding(features, int(rgb.shape[0]), int(rgb.shape[1]), t2 - t1, t1 - t0, graph)
+        return Embedding(features, int(rgb.shape[0]), int(rgb.shape[1]), t2 - t1, t1 - t0, graph, small)
+
+    def _wants_propagation(self, request: pb.ClickRequest) -> bool:
+        choice = request.propagation
+        if choice == pb.PROPAGATION_SERVER_DEFAULT:
+            return self.settings.propagation
+        if choice in (pb.PROPAGATION_ON, pb.PROPAGATION_OFF):
+            return choice == pb.PROPAGATION_ON
+        raise InvalidInputError(
+            f"propagation {choice} is not one of PROPAGATION_SERVER_DEFAULT (0), PROPAGATION_ON (1), "
+            "PROPAGATION_OFF (2)"
+        )
+
+    @staticmethod
+    def _graph(embedding: Embedding, settings: PropagationSettings) -> ImageGraph:
+        if embedding.graph is not None:
+            return embedding.graph
+        if embedding.working_image is None:  # pragma: no cover - every _encode keeps one
+            raise InvalidInputError("this image was opened without the copy click propagation needs")
+        # ~20 ms at 160 px: rebuilt per click rather than held per session (1.8 MB each)
+        return ImageGraph.from_working_image(embedding.working_image, embedding.hw, settings)
 
     def _prompt(self, request: pb.ClickRequest, session: Session) -> Prompt:
         w, h, frame = session.width, session.height, session.frame
@@ -471,6 +495,7 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         embedding = session.embedding  # a strong reference for this request (NOT_FOUND if evicted)
         self.cache.get(session.cache_key)  # a click keeps its image's embedding recently used
         prompt = self._prompt(request, session)
+        propagate = self._wants_propagation(request) and len(prompt.points) > 0
         model: LoadedModel = session.model
         features, hw = embedding.features, embedding.hw
 
@@ -480,8 +505,9 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         with session.lock:
             result, seconds, steps = session.resolve(prompt, decode)
         logits = model.transform.logits_to_original(result.low_res, hw)
-        if embedding.graph is not None and len(prompt.points):
-            mask = embedding.graph.refine(result.low_res, model.transform, prompt.points, prompt.labels, logits)
+        if propagate:
+            graph = self._graph(embedding, self.propagation)
+            mask = graph.refine(result.low_res, model.transform, prompt.points, prompt.labels, logits)
         else:
             mask = logits > 0
         frame = session.frame
@@ -495,6 +521,7 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
             mask_pixels=int(np.count_nonzero(mask)),
             width=session.width,
             height=session.height,
+            propagated=propagate,
         )
         if request.want_mask_png:
             ok, buf = cv2.imencode(".png", mask.astype(np.uint8) * 255)

@@ -83,7 +83,11 @@ class Embedding:
     width: int
     encode_seconds: float = 0.0
     decode_image_seconds: float = 0.0
-    graph: Any = None  # histosam.backend.propagation.ImageGraph when click propagation is on
+    # Click propagation: the walker's graph, built at encode when the server propagates by
+    # default (histosam.backend.propagation.ImageGraph), and the small RGB copy it is built
+    # from, kept always so that a click can ask for propagation on a server where it is off.
+    graph: Any = None
+    working_image: np.ndarray | None = None
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -92,7 +96,8 @@ class Embedding:
     @property
     def nbytes(self) -> int:
         graph_bytes = 0 if self.graph is None else int(self.graph.nbytes)
-        return int(sum(a.nbytes for a in self.features.values())) + graph_bytes
+        small_bytes = 0 if self.working_image is None else int(self.working_image.nbytes)
+        return int(sum(a.nbytes for a in self.features.values())) + graph_bytes + small_bytes
 
 
 class EmbeddingCache:

@@ -76,7 +76,12 @@ class HistosamSettings {
         simplify            : '0.5',
         min_area            : '16',
         slide_source        : 'pixels',
+        propagation         : 'server',
         descriptor          : '',
+    ]
+    /** Setting `propagation` -> ClickRequest.propagation (click propagation: see the README). */
+    static final Map<String, String> PROPAGATION = [
+        server: 'PROPAGATION_SERVER_DEFAULT', on: 'PROPAGATION_ON', off: 'PROPAGATION_OFF',
     ]
 
     final Map<String, String> values = [:]
@@ -147,6 +152,9 @@ class HistosamSettings {
                 throw new HistosamException("histosam: setting ${key} must be a number >= 0, got '${values[key]}' (${origins[key]})")
             }
         }
+        if (!PROPAGATION.containsKey(values.propagation.toLowerCase())) {
+            throw new HistosamException("histosam: setting propagation must be server, on or off, got '${values.propagation}' (${origins.propagation})")
+        }
         if (!(values.slide_source in ['pixels', 'path'])) {
             throw new HistosamException("histosam: setting slide_source must be 'pixels' or 'path', got '${values.slide_source}'")
         }
@@ -164,6 +172,9 @@ class HistosamSettings {
     }
 
     String getTarget() { values.server }
+
+    /** The ClickRequest.propagation enum name the `propagation` setting stands for. */
+    String getPropagation() { PROPAGATION[values.propagation.toLowerCase()] }
 
     boolean getTls() { values.tls.toLowerCase() in ['true', 'yes', '1'] }
 
@@ -366,7 +377,12 @@ class HistosamProtocol {
             case Descriptors.FieldDescriptor.JavaType.BYTE_STRING:
                 return value instanceof ByteString ? value : ByteString.copyFrom(value as byte[])
             case Descriptors.FieldDescriptor.JavaType.ENUM:
-                return fd.enumType.findValueByName(value.toString())
+                Descriptors.EnumValueDescriptor ev = fd.enumType.findValueByName(value.toString())
+                if (ev == null) {
+                    throw new HistosamException("histosam: field ${fd.fullName} has no value ${value} " +
+                            "(values: ${fd.enumType.values*.name.join(', ')})")
+                }
+                return ev
         }
         throw new HistosamException("histosam: unsupported field type of ${fd.fullName}")
     }
@@ -584,7 +600,8 @@ class HistosamGrpc {
      * points: [[x, y, positive], ...] or [[x: , y: , positive: ], ...], oldest first.
      * options: box ([x0, y0, x1, y1]), maskRings (rings as HistosamGeometry gives them: the
      * shape to refine), wantMask (add the mask PNG), simplify (image pixels), minArea (image
-     * pixels). The answer is the ClickResponse as a map plus `rings` (HistosamGeometry form)
+     * pixels), propagation ('server', 'on' or 'off'; default: the `propagation` setting).
+     * The answer is the ClickResponse as a map plus `rings` (HistosamGeometry form)
      * and `reopened`. An expired session (NOT_FOUND) is re-opened once, transparently.
      */
     Map click(HistosamImage image, List points, Map options = [:]) {
@@ -595,6 +612,10 @@ class HistosamGrpc {
             simplify_tolerance: (options.simplify != null ? options.simplify : settings.number('simplify')) as double,
             min_area          : (options.minArea != null ? options.minArea : settings.number('min_area')) as double,
         ]
+        String propagation = options.propagation != null ? propagationName(options.propagation as String) : settings.propagation
+        if (propagation != 'PROPAGATION_SERVER_DEFAULT') {  // unset stays readable by an older descriptor
+            request.propagation = propagation
+        }
         if (options.box != null) {
             List b = options.box as List
             request.box = [x0: b[0], y0: b[1], x1: b[2], y1: b[3]]
@@ -620,6 +641,14 @@ class HistosamGrpc {
         reply.rings = HistosamGeometry.polygonsToRings(reply.polygons as List)
         reply.reopened = reopened
         return reply
+    }
+
+    private static String propagationName(String choice) {
+        String name = HistosamSettings.PROPAGATION[choice.toLowerCase()]
+        if (name == null) {
+            throw new HistosamException("histosam: propagation must be server, on or off, got '${choice}'")
+        }
+        return name
     }
 
     boolean closeImage(HistosamImage image) {

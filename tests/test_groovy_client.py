@@ -188,6 +188,8 @@ def results(groovy_env, server, silent_server, images, tmp_path_factory) -> dict
     token_file.write_text("  from-a-file  \n")
     bad_dir = tmp_path_factory.mktemp("bad_settings")
     (bad_dir / "histosam.properties").write_text("sever = x:1\n")
+    spread_dir = tmp_path_factory.mktemp("spread_settings")
+    (spread_dir / "histosam.properties").write_text("propagation = sometimes\n")
     nan_dir = tmp_path_factory.mktemp("nan_settings")
     (nan_dir / "histosam.properties").write_text("timeout_seconds = soon\n")
     home = tmp_path_factory.mktemp("home")  # no ~/.histosam there
@@ -205,12 +207,17 @@ def results(groovy_env, server, silent_server, images, tmp_path_factory) -> dict
          "sys": {"user.home": str(home), "histosam.token_file": str(token_file)}},
         {"name": "settings_unknown_key", "kind": "settings", "script_dir": str(bad_dir), "sys": {"user.home": str(home)}},
         {"name": "settings_bad_number", "kind": "settings", "script_dir": str(nan_dir), "sys": {"user.home": str(home)}},
+        {"name": "settings_bad_propagation", "kind": "settings", "script_dir": str(spread_dir),
+         "sys": {"user.home": str(home)}},
+        {"name": "settings_propagation_on", "kind": "settings", "script_dir": str(home),
+         "sys": {"user.home": str(home)}, "env": {"HISTOSAM_PROPAGATION": "On"}},
         {"name": "encode_click", "kind": "encode", "method": "Click", "request": {
             "session_id": "s-1", "points": [{"x": 1.5, "y": 2.25, "positive": True}, {"x": 3, "y": 4, "positive": False}],
             "box": {"x0": 1, "y0": 2, "x1": 30, "y1": 40}, "min_area": 0, "want_mask_png": True,
-            "simplify_tolerance": 0.5,
+            "simplify_tolerance": 0.5, "propagation": "PROPAGATION_ON",
             "mask_prompt_polygons": [{"exterior": [0, 0, 10, 0, 10, 10], "holes": [{"xy": [2, 2, 3, 2, 3, 3]}]}]}},
         {"name": "encode_typo", "kind": "encode", "method": "Click", "request": {"sesion_id": "s-1"}},
+        {"name": "encode_bad_enum", "kind": "encode", "method": "Click", "request": {"propagation": "SOMETIMES"}},
         {"name": "session", "kind": "session", **live, "image": str(images["small"]), "frame": list(FRAME), "steps": [
             {"points": pts, "min_area": 16},
             {"points": pts + [list(P2)], "min_area": 16},
@@ -219,6 +226,8 @@ def results(groovy_env, server, silent_server, images, tmp_path_factory) -> dict
             {"points": pts, "mask_rings": REFINE_RINGS, "min_area": 16},
             {"points": pts, "close_first": True, "min_area": 16},
             {"points": pts, "simplify": 1.0, "min_area": 16},
+            {"points": pts + [list(P2)], "propagation": "on", "want_mask": True},
+            {"points": pts + [list(P2)], "propagation": "off", "want_mask": True},
         ]},
         {"name": "region", "kind": "region_session", **live, "slide": str(images["slide"]), "region": REGION,
          "settings": {"simplify": 0},
@@ -283,6 +292,11 @@ def test_settings_errors_name_the_problem(results):
     assert not unknown["ok"] and "unknown setting(s) sever" in unknown["error"] and "server" in unknown["error"]
     bad = results["settings_bad_number"]
     assert not bad["ok"] and "timeout_seconds must be a number" in bad["error"] and "soon" in bad["error"]
+    spread = results["settings_bad_propagation"]
+    assert not spread["ok"] and "propagation must be server, on or off" in spread["error"]
+    assert "sometimes" in spread["error"]
+    assert check(results, "settings_propagation_on")["propagation"] == "PROPAGATION_ON"
+    assert check(results, "settings_defaults")["propagation"] == "PROPAGATION_SERVER_DEFAULT"
 
 
 def test_dynamic_message_is_what_python_protobuf_reads(results):
@@ -295,6 +309,9 @@ def test_dynamic_message_is_what_python_protobuf_reads(results):
     assert msg.want_mask_png and msg.simplify_tolerance == 0.5
     assert list(msg.mask_prompt_polygons[0].exterior) == [0, 0, 10, 0, 10, 10]
     assert list(msg.mask_prompt_polygons[0].holes[0].xy) == [2, 2, 3, 2, 3, 3]
+    assert msg.propagation == pb.PROPAGATION_ON
+    bad_enum = results["encode_bad_enum"]
+    assert not bad_enum["ok"] and "has no value SOMETIMES" in bad_enum["error"] and "PROPAGATION_ON" in bad_enum["error"]
     typo = results["encode_typo"]
     assert not typo["ok"] and "has no field 'sesion_id'" in typo["error"]
 
@@ -315,6 +332,8 @@ def test_clicks_give_the_python_clients_polygons_and_the_servers_mask(results, p
         session.click(pts, min_area=16, mask_prompt_polygons=rings_to_polygons(REFINE_RINGS)),
         session.click(pts, min_area=16),
         session.click(pts, min_area=16, simplify_tolerance=1.0),
+        session.click(pts + [P2], min_area=0, want_mask=True, propagation=True),
+        session.click(pts + [P2], min_area=0, want_mask=True),  # the server's default: off
     ]
     for i, (got, want) in enumerate(zip(steps, expected, strict=True)):
         assert groovy_lists(got["rings"]) == as_lists(want.polygons), f"step {i}"
@@ -330,6 +349,9 @@ def test_clicks_give_the_python_clients_polygons_and_the_servers_mask(results, p
         raster = polygons_to_mask(rings_to_polygons(steps[i]["rings"]), (H, W), origin=FRAME[:2], downsample=FRAME[2])
         assert mask.any() and np.array_equal(raster, mask)
         assert steps[i]["area"] == pytest.approx(mask.sum() * FRAME[2] ** 2)
+    assert [s["propagated"] for s in steps] == [False] * 7 + [True, False]
+    spread, alone = (cv2.imread(steps[i]["mask"], cv2.IMREAD_UNCHANGED) > 0 for i in (7, 8))
+    assert not np.array_equal(spread, alone)  # the walker changed the mask; "off" is the model's own
     assert r["closed"]
 
 

@@ -483,8 +483,12 @@ def test_tls_server_and_port_conflicts(models, tmp_path):
             SegmentationServer(ServerSettings(port=srv.port, threads=1), models=models).start()
 
 
-def test_clicks_spread_through_propagation_unless_turned_off(models, server, image_png, tmp_path):
-    """The served mask is the decoder's answer refined by the click-seeded random walker."""
+def test_clicks_spread_through_propagation_by_default_or_per_click(models, server, image_png, tmp_path):
+    """The served mask is the decoder's answer refined by the click-seeded random walker.
+
+    The server's default decides unless the click chooses; either way the history keeps the
+    model's own logits, so switching propagation never re-decodes a step.
+    """
     img = synthetic_image()
     points = np.array([[100.0, 100.0], [250.0, 120.0]])
     labels = np.array([1, 0])
@@ -498,26 +502,38 @@ def test_clicks_spread_through_propagation_unless_turned_off(models, server, ima
     assert not np.array_equal(expected[True], expected[False])  # the walker did change something
     spreading = SegmentationServer(ServerSettings(port=0, threads=2, ort_threads=1, propagation=True), models=models)
     spreading.start()
+    choices = {None: pb.PROPAGATION_SERVER_DEFAULT, True: pb.PROPAGATION_ON, False: pb.PROPAGATION_OFF}
     try:
-        for srv, on in ((spreading, True), (server, False)):  # the module's server has the default: off
+        for srv, default in ((spreading, True), (server, False)):  # the module's server has the default: off
             with grpc.insecure_channel(srv.address) as channel:
                 stub = pb_grpc.SegmentationStub(channel)
+                assert stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10).propagation_default is default
                 sid = open_image(stub, image_png).session_id
-                request = pb.ClickRequest(session_id=sid, points=pts((100.0, 100.0, True), (250.0, 120.0, False)),
-                                          want_mask_png=True, min_area=0)
-                mask = decode_png_mask(stub.Click(request, timeout=30).mask_png)
-                assert iou(mask, expected[on]) > 0.999, on
+                for k, choice in enumerate((None, not default, default, None)):
+                    request = pb.ClickRequest(session_id=sid, points=pts((100.0, 100.0, True), (250.0, 120.0, False)),
+                                              want_mask_png=True, min_area=0, propagation=choices[choice])
+                    reply = stub.Click(request, timeout=30)
+                    on = default if choice is None else choice
+                    assert reply.propagated is on
+                    assert iou(decode_png_mask(reply.mask_png), expected[on]) > 0.999, (default, choice)
+                    assert reply.decoded_steps == (2 if k == 0 else 0)  # switching never re-decodes
+                box_only = stub.Click(pb.ClickRequest(session_id=sid, box=pb.Box(x0=60, y0=60, x1=160, y1=160),
+                                                      propagation=pb.PROPAGATION_ON), timeout=30)
+                assert not box_only.propagated  # no clicks to spread: the model's answer
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.Click(pb.ClickRequest(session_id=sid, points=pts((100.0, 100.0, True)), propagation=7),
+                               timeout=30)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "propagation 7 is not one of" in err.value.details()
     finally:
         spreading.stop(0)
     custom = tmp_path / "p.yaml"
     custom.write_text("gamma: 0.5\n")
-    assert SegmentationServicer(ServerSettings(), models, False).propagation is None
-    on = SegmentationServicer(ServerSettings(propagation=True, propagation_config=custom), models, False)
-    assert on.propagation.gamma == 0.5
+    assert SegmentationServicer(ServerSettings(propagation_config=custom), models, False).propagation.gamma == 0.5
     with pytest.raises(InvalidInputError, match="true or false"):
         ServerSettings.from_mapping({"propagation": "yes"})
     with pytest.raises(NotFoundError, match="propagation config"):
-        SegmentationServicer(ServerSettings(propagation=True, propagation_config=tmp_path / "none.yaml"), models, False)
+        SegmentationServicer(ServerSettings(propagation_config=tmp_path / "none.yaml"), models, False)
 
 
 def test_settings_validation_and_mapping(tmp_path):

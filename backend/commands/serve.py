@@ -58,8 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grace-seconds", type=float, default=S, metavar="S",
                    help="time running calls get to finish on shutdown (default 5)")
     p.add_argument("--propagation", action="store_true", default=S,
-                   help="spread each click over its colour region with a random walker seeded by the clicks, the "
-                   "model's mask as its prior (for tumour regions with soft borders; off by default)")
+                   help="by default, spread each click over its colour region with a random walker seeded by the "
+                   "clicks, the model's mask as its prior (for tumour regions with soft borders; off by default; "
+                   "a client may choose per click either way)")
     p.add_argument("--propagation-config", type=Path, default=S, metavar="F",
                    help="YAML of click-propagation settings (default: the shipped propagation.yaml)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -161,9 +162,10 @@ def _serve(settings) -> int:
         print(f"histosam serve: listening on {server.address} ({secure}, {auth})", flush=True)
         print(f"histosam serve: models {', '.join(server.models.names)} (default {server.models.default_name}); "
               f"providers {', '.join(server.providers)}", flush=True)
-        spread = server.servicer.propagation if server.servicer else None
-        print("histosam serve: click propagation " + ("off" if spread is None else
-              f"on (gamma {spread.gamma:g}, beta {spread.beta:g}, {spread.working_side} px walker grid)"), flush=True)
+        spread = server.servicer.propagation
+        print(f"histosam serve: click propagation {'on' if settings.propagation else 'off'} by default, clients may "
+              f"choose per click (gamma {spread.gamma:g}, beta {spread.beta:g}, {spread.working_side} px walker grid)",
+              flush=True)
         if not _is_loopback(settings.host) and not (settings.tls_cert and server.servicer.token_required):
             print("histosam serve: warning: listening beyond this machine without TLS and a token",
                   file=sys.stderr, flush=True)

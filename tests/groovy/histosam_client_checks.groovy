@@ -113,7 +113,7 @@ Map checks = [
                 check.sys ?: [:], check.env ?: [:])
         return [values: s.values, origins: s.origins, target: s.target, token: s.token, tls: s.tls,
                 timeout_ms: s.timeoutMillis, max_message_bytes: s.maxMessageBytes, describe: s.describe(),
-                descriptor: s.descriptorFile.path]
+                descriptor: s.descriptorFile.path, propagation: s.propagation]
     },
 
     encode: { Map check ->
@@ -139,6 +139,9 @@ Map checks = [
                 if (step.mask_rings) {
                     options.maskRings = step.mask_rings
                 }
+                if (step.propagation) {
+                    options.propagation = step.propagation
+                }
                 if (step.close_first) {
                     client.closeImage(image)
                 }
@@ -151,7 +154,8 @@ Map checks = [
                 }
                 steps << [rings: ringsJson(reply.rings), predicted_iou: reply.predicted_iou, mask: maskFile,
                           num_points: reply.num_points, decoded_steps: reply.decoded_steps, reopened: reply.reopened,
-                          mask_pixels: reply.mask_pixels, area: histosam.Geometry.area(reply.rings)]
+                          mask_pixels: reply.mask_pixels, area: histosam.Geometry.area(reply.rings),
+                          propagated: reply.propagated ?: false]
             }
             boolean closed = client.closeImage(image)
             return [session_id: image.sessionId, width: image.width, height: image.height, frame: image.frame,

@@ -1,10 +1,20 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Propagation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PROPAGATION_SERVER_DEFAULT: _ClassVar[Propagation]
+    PROPAGATION_ON: _ClassVar[Propagation]
+    PROPAGATION_OFF: _ClassVar[Propagation]
+PROPAGATION_SERVER_DEFAULT: Propagation
+PROPAGATION_ON: Propagation
+PROPAGATION_OFF: Propagation
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()
@@ -43,7 +53,7 @@ class Limits(_message.Message):
     def __init__(self, max_pixels: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_points: _Optional[int] = ..., session_idle_seconds: _Optional[float] = ..., cache_bytes: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., max_concurrent_encodes: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("version", "models", "default_model", "providers", "limits", "token_required", "slides_enabled", "open_sessions", "cache_used_bytes", "cache_entries")
+    __slots__ = ("version", "models", "default_model", "providers", "limits", "token_required", "slides_enabled", "open_sessions", "cache_used_bytes", "cache_entries", "propagation_default")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +64,7 @@ class GetServerInfoResponse(_message.Message):
     OPEN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     CACHE_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     CACHE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    PROPAGATION_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     version: str
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     default_model: str
@@ -64,7 +75,8 @@ class GetServerInfoResponse(_message.Message):
     open_sessions: int
     cache_used_bytes: int
     cache_entries: int
-    def __init__(self, version: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., default_model: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., token_required: _Optional[bool] = ..., slides_enabled: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., cache_used_bytes: _Optional[int] = ..., cache_entries: _Optional[int] = ...) -> None: ...
+    propagation_default: bool
+    def __init__(self, version: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., default_model: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., token_required: _Optional[bool] = ..., slides_enabled: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., cache_used_bytes: _Optional[int] = ..., cache_entries: _Optional[int] = ..., propagation_default: _Optional[bool] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("origin_x", "origin_y", "downsample")
@@ -163,7 +175,7 @@ class Ring(_message.Message):
     def __init__(self, xy: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ClickRequest(_message.Message):
-    __slots__ = ("session_id", "points", "box", "want_mask_png", "simplify_tolerance", "min_area", "mask_prompt_png", "mask_prompt_polygons")
+    __slots__ = ("session_id", "points", "box", "want_mask_png", "simplify_tolerance", "min_area", "mask_prompt_png", "mask_prompt_polygons", "propagation")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     POINTS_FIELD_NUMBER: _ClassVar[int]
     BOX_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +184,7 @@ class ClickRequest(_message.Message):
     MIN_AREA_FIELD_NUMBER: _ClassVar[int]
     MASK_PROMPT_PNG_FIELD_NUMBER: _ClassVar[int]
     MASK_PROMPT_POLYGONS_FIELD_NUMBER: _ClassVar[int]
+    PROPAGATION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     points: _containers.RepeatedCompositeFieldContainer[Point]
     box: Box
@@ -180,10 +193,11 @@ class ClickRequest(_message.Message):
     min_area: float
     mask_prompt_png: bytes
     mask_prompt_polygons: _containers.RepeatedCompositeFieldContainer[Polygon]
-    def __init__(self, session_id: _Optional[str] = ..., points: _Optional[_Iterable[_Union[Point, _Mapping]]] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., want_mask_png: _Optional[bool] = ..., simplify_tolerance: _Optional[float] = ..., min_area: _Optional[float] = ..., mask_prompt_png: _Optional[bytes] = ..., mask_prompt_polygons: _Optional[_Iterable[_Union[Polygon, _Mapping]]] = ...) -> None: ...
+    propagation: Propagation
+    def __init__(self, session_id: _Optional[str] = ..., points: _Optional[_Iterable[_Union[Point, _Mapping]]] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., want_mask_png: _Optional[bool] = ..., simplify_tolerance: _Optional[float] = ..., min_area: _Optional[float] = ..., mask_prompt_png: _Optional[bytes] = ..., mask_prompt_polygons: _Optional[_Iterable[_Union[Polygon, _Mapping]]] = ..., propagation: _Optional[_Union[Propagation, str]] = ...) -> None: ...
 
 class ClickResponse(_message.Message):
-    __slots__ = ("polygons", "mask_png", "predicted_iou", "decode_seconds", "num_points", "decoded_steps", "mask_pixels", "width", "height")
+    __slots__ = ("polygons", "mask_png", "predicted_iou", "decode_seconds", "num_points", "decoded_steps", "mask_pixels", "width", "height", "propagated")
     POLYGONS_FIELD_NUMBER: _ClassVar[int]
     MASK_PNG_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_IOU_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +207,7 @@ class ClickResponse(_message.Message):
     MASK_PIXELS_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    PROPAGATED_FIELD_NUMBER: _ClassVar[int]
     polygons: _containers.RepeatedCompositeFieldContainer[Polygon]
     mask_png: bytes
     predicted_iou: float
@@ -202,7 +217,8 @@ class ClickResponse(_message.Message):
     mask_pixels: int
     width: int
     height: int
-    def __init__(self, polygons: _Optional[_Iterable[_Union[Polygon, _Mapping]]] = ..., mask_png: _Optional[bytes] = ..., predicted_iou: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., num_points: _Optional[int] = ..., decoded_steps: _Optional[int] = ..., mask_pixels: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+    propagated: bool
+    def __init__(self, polygons: _Optional[_Iterable[_Union[Polygon, _Mapping]]] = ..., mask_png: _Optional[bytes] = ..., predicted_iou: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., num_points: _Optional[int] = ..., decoded_steps: _Optional[int] = ..., mask_pixels: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., propagated: _Optional[bool] = ...) -> None: ...
 
 class CloseImageRequest(_message.Message):
     __slots__ = ("session_id",)
