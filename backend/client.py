@@ -113,6 +113,16 @@ def decode_mask_png(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("L")) > 0
 
 
+def _propagation_value(choice: bool | str) -> int:
+    """True / False / "on" / "off" / "auto" -> ClickRequest.propagation."""
+    if isinstance(choice, bool):
+        choice = "on" if choice else "off"
+    values = {"on": pb.PROPAGATION_ON, "off": pb.PROPAGATION_OFF, "auto": pb.PROPAGATION_AUTO}
+    if choice not in values:
+        raise InvalidInputError(f"propagation must be on, off, auto, True or False, got {choice!r}")
+    return values[choice]
+
+
 @dataclass(frozen=True)
 class ClickResult:
     """One click's answer, with polygons as PolygonXY (client coordinates)."""
@@ -318,12 +328,12 @@ class SegmentationClient:
         min_area: float | None = None,
         mask_prompt_png: bytes | None = None,
         mask_prompt_polygons: Iterable[PolygonXY] | None = None,
-        propagation: bool | None = None,
+        propagation: bool | str | None = None,
     ) -> ClickResult:
         """All points so far (and/or a box) -> the mask; re-opens once on NOT_FOUND.
 
-        ``propagation``: True / False turn click propagation on / off for this answer; None
-        leaves it to the server's default.
+        ``propagation``: "on" / "off" / "auto" (or True / False) for this answer; None leaves it
+        to the server's default.
         """
         request = pb.ClickRequest(
             points=_points(points),
@@ -338,7 +348,7 @@ class SegmentationClient:
         if min_area is not None:
             request.min_area = float(min_area)
         if propagation is not None:
-            request.propagation = pb.PROPAGATION_ON if propagation else pb.PROPAGATION_OFF
+            request.propagation = _propagation_value(propagation)
         reopened = False
         request.session_id = session.session_id
         try:

@@ -127,7 +127,7 @@ def settings_text(server: str | None, token_file: Path | None) -> str:
         "# margin = 0.25            (refine / boxes: context around the shape, x its size)",
         "# simplify = 0.5           (polygon simplification, image pixels; 0 keeps pixel outlines)",
         "# min_area = 16            (drop specks / fill holes below this many image pixels)",
-        "# propagation = server     (on: clicks spread over their colour region, for soft tumour borders; off)",
+        "# propagation = server     (on: clicks spread over their colour region, for soft tumour borders; off; auto)",
         "# slide_source = pixels    (path: the server reads the slide file itself; needs --slide-root)",
     ]
     return "\n".join(lines) + "\n"

@@ -52,7 +52,12 @@ from histosam.backend.image_sources import (
     read_region,
 )
 from histosam.backend.models import LoadedModel, ModelStore, default_bundle_path, discover_bundles
-from histosam.backend.propagation import ImageGraph, PropagationSettings
+from histosam.backend.propagation import (
+    ImageGraph,
+    PropagationSettings,
+    check_mode,
+    model_confidence,
+)
 from histosam.backend.sessions import (
     Embedding,
     EmbeddingCache,
@@ -72,6 +77,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Segmentation"].full_name
 # Components (and holes) smaller than this many image pixels are dropped (filled) unless the
 # ClickRequest sets min_area: SAM leaves specks of a few pixels around its masks.
 DEFAULT_MIN_AREA = 16.0
+# ServerSettings.propagation -> the ClickRequest / GetServerInfoResponse enum value.
+PROPAGATION_CHOICES = {"off": pb.PROPAGATION_OFF, "on": pb.PROPAGATION_ON, "auto": pb.PROPAGATION_AUTO}
 # Mask-prompt polygon vertices may lie outside the image (an annotation larger than the opened
 # region), but not so far that rasterising them overflows (1e308 / downsample = inf).
 MAX_PROMPT_PIXEL_COORD = 1e9
@@ -134,10 +141,11 @@ class ServerSettings:
     # Click propagation (backend/propagation.py): the model's mask as the prior of a
     # click-seeded random walker, so a click spreads over its colour region. This is what a
     # Click gets when it does not choose (ClickRequest.propagation); every click may choose.
+    # "off", "on" or "auto" (propagate where the model is unsure); true / false mean on / off.
     # Off by default: it wins on tumour regions with soft borders (OCDC) and loses on glands
     # (GlaS, the validation set that picks defaults); see the model card. Settings from
     # ``propagation_config`` (a YAML file), else the shipped propagation.yaml.
-    propagation: bool = False
+    propagation: str = "off"
     propagation_config: Path | None = None
 
     def __post_init__(self) -> None:
@@ -152,6 +160,7 @@ class ServerSettings:
             raise InvalidInputError("--tls-cert and --tls-key go together")
         if self.token is not None and self.token_file is not None:
             raise InvalidInputError("give a token or a token file, not both")
+        object.__setattr__(self, "propagation", _coerce("propagation", self.propagation))
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> ServerSettings:
@@ -209,7 +218,11 @@ def _coerce(key: str, value: Any) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise InvalidInputError(f"setting {key} must be a number, got {value!r}") from None
-    if key in ("prefer_gpu", "propagation"):
+    if key == "propagation":
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return check_mode(str(value))
+    if key == "prefer_gpu":
         if not isinstance(value, bool):
             raise InvalidInputError(f"setting {key} must be true or false, got {value!r}")
         return value
@@ -331,7 +344,7 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
             open_sessions=len(self.sessions),
             cache_used_bytes=self.cache.used_bytes,
             cache_entries=len(self.cache),
-            propagation_default=s.propagation,
+            propagation_default=PROPAGATION_CHOICES[s.propagation],
         )
 
     def _open(self, request: pb.OpenImageRequest) -> pb.OpenImageResponse:
@@ -388,20 +401,36 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         # clicks propagate by default, else from the small copy when a click first asks.
         small = ImageGraph.working_image(rgb, self.propagation)
         graph = (ImageGraph.from_working_image(small, rgb.shape[:2], self.propagation)
-                 if self.settings.propagation else None)
+                 if self.settings.propagation != "off" else None)
         t2 = time.perf_counter()
         return Embedding(features, int(rgb.shape[0]), int(rgb.shape[1]), t2 - t1, t1 - t0, graph, small)
 
-    def _wants_propagation(self, request: pb.ClickRequest) -> bool:
+    def _propagation_mode(self, request: pb.ClickRequest) -> str:
+        """off / on / auto for this click: its own choice, else the server's default."""
         choice = request.propagation
         if choice == pb.PROPAGATION_SERVER_DEFAULT:
             return self.settings.propagation
-        if choice in (pb.PROPAGATION_ON, pb.PROPAGATION_OFF):
-            return choice == pb.PROPAGATION_ON
+        for mode, value in PROPAGATION_CHOICES.items():
+            if choice == value:
+                return mode
         raise InvalidInputError(
             f"propagation {choice} is not one of PROPAGATION_SERVER_DEFAULT (0), PROPAGATION_ON (1), "
-            "PROPAGATION_OFF (2)"
+            "PROPAGATION_OFF (2), PROPAGATION_AUTO (3)"
         )
+
+    def _unsure_at_first_step(self, prompt: Prompt, session: Session, decode) -> bool:
+        """auto: the model's answer to the prompt's first step (first point, or the box) is unsure.
+
+        Judged on the first step so that a session does not switch between the two kinds of
+        answer as clicks make the model surer; from the history, so it costs nothing.
+        """
+        first = 0 if prompt.box is not None else 1
+        head = Prompt(prompt.points[:first], prompt.labels[:first], prompt.box, prompt.mask_key, prompt.mask_logits)
+        with session.lock:
+            step, _, _ = session.resolve(head, decode)
+        confidence = model_confidence(step.low_res, session.model.transform, session.embedding.hw,
+                                      self.propagation.temperature)
+        return confidence < self.propagation.auto_confidence
 
     @staticmethod
     def _graph(embedding: Embedding, settings: PropagationSettings) -> ImageGraph:
@@ -495,7 +524,7 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         embedding = session.embedding  # a strong reference for this request (NOT_FOUND if evicted)
         self.cache.get(session.cache_key)  # a click keeps its image's embedding recently used
         prompt = self._prompt(request, session)
-        propagate = self._wants_propagation(request) and len(prompt.points) > 0
+        mode = self._propagation_mode(request) if len(prompt.points) else "off"
         model: LoadedModel = session.model
         features, hw = embedding.features, embedding.hw
 
@@ -505,6 +534,7 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         with session.lock:
             result, seconds, steps = session.resolve(prompt, decode)
         logits = model.transform.logits_to_original(result.low_res, hw)
+        propagate = mode == "on" or (mode == "auto" and self._unsure_at_first_step(prompt, session, decode))
         if propagate:
             graph = self._graph(embedding, self.propagation)
             mask = graph.refine(result.low_res, model.transform, prompt.points, prompt.labels, logits)

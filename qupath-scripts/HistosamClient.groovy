@@ -81,7 +81,7 @@ class HistosamSettings {
     ]
     /** Setting `propagation` -> ClickRequest.propagation (click propagation: see the README). */
     static final Map<String, String> PROPAGATION = [
-        server: 'PROPAGATION_SERVER_DEFAULT', on: 'PROPAGATION_ON', off: 'PROPAGATION_OFF',
+        server: 'PROPAGATION_SERVER_DEFAULT', on: 'PROPAGATION_ON', off: 'PROPAGATION_OFF', auto: 'PROPAGATION_AUTO',
     ]
 
     final Map<String, String> values = [:]
@@ -153,7 +153,7 @@ class HistosamSettings {
             }
         }
         if (!PROPAGATION.containsKey(values.propagation.toLowerCase())) {
-            throw new HistosamException("histosam: setting propagation must be server, on or off, got '${values.propagation}' (${origins.propagation})")
+            throw new HistosamException("histosam: setting propagation must be server, on, off or auto, got '${values.propagation}' (${origins.propagation})")
         }
         if (!(values.slide_source in ['pixels', 'path'])) {
             throw new HistosamException("histosam: setting slide_source must be 'pixels' or 'path', got '${values.slide_source}'")
@@ -600,7 +600,7 @@ class HistosamGrpc {
      * points: [[x, y, positive], ...] or [[x: , y: , positive: ], ...], oldest first.
      * options: box ([x0, y0, x1, y1]), maskRings (rings as HistosamGeometry gives them: the
      * shape to refine), wantMask (add the mask PNG), simplify (image pixels), minArea (image
-     * pixels), propagation ('server', 'on' or 'off'; default: the `propagation` setting).
+     * pixels), propagation ('server', 'on', 'off' or 'auto'; default: the `propagation` setting).
      * The answer is the ClickResponse as a map plus `rings` (HistosamGeometry form)
      * and `reopened`. An expired session (NOT_FOUND) is re-opened once, transparently.
      */
@@ -646,7 +646,7 @@ class HistosamGrpc {
     private static String propagationName(String choice) {
         String name = HistosamSettings.PROPAGATION[choice.toLowerCase()]
         if (name == null) {
-            throw new HistosamException("histosam: propagation must be server, on or off, got '${choice}'")
+            throw new HistosamException("histosam: propagation must be server, on, off or auto, got '${choice}'")
         }
         return name
     }

@@ -86,6 +86,10 @@ def test_click_result_polygons_and_mask(client, image_file):
     assert two.num_points == 2 and two.mask is None
     undo = image.click([(330, 260, True)], box=(20, 30, 600, 480))
     assert undo.num_points == 1
+    spread = image.click([(330, 260, True)], box=(20, 30, 600, 480), propagation="on")
+    assert spread.propagated and not undo.propagated and spread.decoded_steps == 0  # no re-decode
+    with pytest.raises(InvalidInputError, match="propagation must be on, off, auto"):
+        image.click([(330, 260, True)], propagation="sometimes")
     assert image.close() and not image.close()
 
 
@@ -208,7 +212,7 @@ def test_cli_client_info_open_click(server, image_file, tmp_path, capsys):
 def test_cli_serve_config_flags_and_sigterm(tiny_bundle, tmp_path):
     config = tmp_path / "serve.yaml"
     config.write_text(f"port: 0\nmodels: {tiny_bundle}\nmax-points: 5\nthreads: 2\nort-threads: 1\n"
-                      "session_idle_seconds: 60\n")
+                      "session_idle_seconds: 60\npropagation: auto\n")
     proc = subprocess.Popen(
         [sys.executable, "-m", "histosam.backend.cli", "serve", "--config", str(config), "--max-points", "3",
          "--grace-seconds", "1"],
@@ -222,7 +226,7 @@ def test_cli_serve_config_flags_and_sigterm(tiny_bundle, tmp_path):
             if not line:
                 break
             lines.append(line)
-            if "providers" in line:
+            if "click propagation" in line:  # the last start-up line
                 break
         text = "".join(lines)
         assert "listening on 127.0.0.1:" in text and "CPUExecutionProvider" in text, (text, proc.stderr.read())
@@ -231,10 +235,12 @@ def test_cli_serve_config_flags_and_sigterm(tiny_bundle, tmp_path):
             info = client.info()
             assert info.limits.max_points == 3  # the flag beats the config file's 5
             assert info.limits.session_idle_seconds == 60  # from the config file
+            assert info.propagation_default == pb.PROPAGATION_AUTO
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
         assert "stopped" in out
+        assert "click propagation auto by default" in text
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -309,20 +309,30 @@ def test_cli_both_backends_agree_on_a_tiny_bundle(tiny_bundle, data_dir, tmp_pat
     rc = main([
         "evaluate", "--model", str(tiny_bundle), "--backend", "both",
         "--data", str(data_dir / "patches" / "ocdc"), "--limit", "2", "--max-clicks", "3",
-        "--propagation", "both", "--out", str(out), "--no-progress",
+        "--propagation", "all", "--out", str(out), "--no-progress",
     ])
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
     label = tiny_bundle.name
-    assert set(results["runs"]) == {f"{label}/torch", f"{label}/onnx",
-                                    f"{label}/torch+propagation", f"{label}/onnx+propagation"}
+    suffixes = ("", "+propagation", "+auto-propagation")
+    assert set(results["runs"]) == {f"{label}/{b}{s}" for b in ("torch", "onnx") for s in suffixes}
     assert results["config"]["propagation_settings"]["gamma"] > 0
-    for key in (label, label + "+propagation"):
+    assert results["config"]["propagation"] == ["off", "on", "auto"]
+    for key in (label + s for s in suffixes):
         p = results["parity"][key]
         assert p["flagged"] is False and p["n_noc_different"] == 0
         assert p["identical_click_sequences"] == 2
         assert p["max_low_res_logit_difference"] < 1e-2
     assert "ONNX / PyTorch parity" in (out / "table.md").read_text()
+
+
+def test_propagation_words_expand_to_modes_in_a_fixed_order():
+    from histosam.backend.commands.evaluate import propagation_modes
+
+    assert propagation_modes(["off"]) == ["off"]
+    assert propagation_modes(["both"]) == ["off", "on"]
+    assert propagation_modes(["auto", "both", "on"]) == ["off", "on", "auto"]
+    assert propagation_modes(["all"]) == ["off", "on", "auto"]
 
 
 def test_write_report_leaves_no_temporary_files(tmp_path):

@@ -211,6 +211,8 @@ def results(groovy_env, server, silent_server, images, tmp_path_factory) -> dict
          "sys": {"user.home": str(home)}},
         {"name": "settings_propagation_on", "kind": "settings", "script_dir": str(home),
          "sys": {"user.home": str(home)}, "env": {"HISTOSAM_PROPAGATION": "On"}},
+        {"name": "settings_propagation_auto", "kind": "settings", "script_dir": str(home),
+         "sys": {"user.home": str(home), "histosam.propagation": "auto"}},
         {"name": "encode_click", "kind": "encode", "method": "Click", "request": {
             "session_id": "s-1", "points": [{"x": 1.5, "y": 2.25, "positive": True}, {"x": 3, "y": 4, "positive": False}],
             "box": {"x0": 1, "y0": 2, "x1": 30, "y1": 40}, "min_area": 0, "want_mask_png": True,
@@ -228,6 +230,7 @@ def results(groovy_env, server, silent_server, images, tmp_path_factory) -> dict
             {"points": pts, "simplify": 1.0, "min_area": 16},
             {"points": pts + [list(P2)], "propagation": "on", "want_mask": True},
             {"points": pts + [list(P2)], "propagation": "off", "want_mask": True},
+            {"points": pts + [list(P2)], "propagation": "auto", "want_mask": True},
         ]},
         {"name": "region", "kind": "region_session", **live, "slide": str(images["slide"]), "region": REGION,
          "settings": {"simplify": 0},
@@ -293,9 +296,10 @@ def test_settings_errors_name_the_problem(results):
     bad = results["settings_bad_number"]
     assert not bad["ok"] and "timeout_seconds must be a number" in bad["error"] and "soon" in bad["error"]
     spread = results["settings_bad_propagation"]
-    assert not spread["ok"] and "propagation must be server, on or off" in spread["error"]
+    assert not spread["ok"] and "propagation must be server, on, off or auto" in spread["error"]
     assert "sometimes" in spread["error"]
     assert check(results, "settings_propagation_on")["propagation"] == "PROPAGATION_ON"
+    assert check(results, "settings_propagation_auto")["propagation"] == "PROPAGATION_AUTO"
     assert check(results, "settings_defaults")["propagation"] == "PROPAGATION_SERVER_DEFAULT"
 
 
@@ -334,6 +338,7 @@ def test_clicks_give_the_python_clients_polygons_and_the_servers_mask(results, p
         session.click(pts, min_area=16, simplify_tolerance=1.0),
         session.click(pts + [P2], min_area=0, want_mask=True, propagation=True),
         session.click(pts + [P2], min_area=0, want_mask=True),  # the server's default: off
+        session.click(pts + [P2], min_area=0, want_mask=True, propagation="auto"),
     ]
     for i, (got, want) in enumerate(zip(steps, expected, strict=True)):
         assert groovy_lists(got["rings"]) == as_lists(want.polygons), f"step {i}"
@@ -349,7 +354,8 @@ def test_clicks_give_the_python_clients_polygons_and_the_servers_mask(results, p
         raster = polygons_to_mask(rings_to_polygons(steps[i]["rings"]), (H, W), origin=FRAME[:2], downsample=FRAME[2])
         assert mask.any() and np.array_equal(raster, mask)
         assert steps[i]["area"] == pytest.approx(mask.sum() * FRAME[2] ** 2)
-    assert [s["propagated"] for s in steps] == [False] * 7 + [True, False]
+    assert [s["propagated"] for s in steps] == [w.propagated for w in expected]
+    assert [s["propagated"] for s in steps[:9]] == [False] * 7 + [True, False]
     spread, alone = (cv2.imread(steps[i]["mask"], cv2.IMREAD_UNCHANGED) > 0 for i in (7, 8))
     assert not np.array_equal(spread, alone)  # the walker changed the mask; "off" is the model's own
     assert r["closed"]

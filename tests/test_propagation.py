@@ -7,11 +7,13 @@ import pytest
 
 from histosam.backend.errors import InvalidInputError, NotFoundError
 from histosam.backend.onnx_predictor import OnnxPredictor
+from histosam.backend.predictor import Prediction
 from histosam.backend.propagation import (
     DEFAULT_CONFIG,
     ImageGraph,
     PropagatingPredictor,
     PropagationSettings,
+    model_confidence,
 )
 from histosam.backend.transforms import LOW_RES, ImageTransform
 
@@ -132,19 +134,79 @@ def test_propagating_predictor_wraps_a_real_bundle(tiny_bundle):
     assert p.mask[60, 20] and not p.mask[60, 180]  # the clicks are obeyed whatever the random model says
 
 
+class ScriptedModel:
+    """A stand-in decoder whose answer depends only on how many points it gets: the auto rule's
+    input (the first step's confidence) is then set by the test, not by a model's whims."""
+
+    name = "scripted"
+
+    def __init__(self, steps: list[np.ndarray]) -> None:
+        self.steps, self.calls = steps, []
+
+    def set_image(self, image: np.ndarray) -> None:
+        self.calls.clear()
+
+    def predict(self, points=None, labels=None, box=None, mask_logits=None) -> Prediction:
+        n = len(points)
+        self.calls.append(n)
+        low = self.steps[min(n, len(self.steps)) - 1]
+        return Prediction(mask=FRAME.logits_to_original(low, (H, W)) > 0, low_res_logits=low, iou=0.5)
+
+
+def test_auto_propagates_an_image_the_model_is_unsure_of_decided_at_the_first_step():
+    img, left = two_regions()
+    unsure = low_res_of(np.where(left, 0.05, -0.05))  # coin flips: confidence ~0.01
+    sure = low_res_of(np.where(left, 20.0, -20.0))
+    assert model_confidence(unsure, FRAME, (H, W), 4.0) < 0.02
+    assert model_confidence(sure, FRAME, (H, W), 4.0) > 0.95  # all but the interpolated border
+    pts, labels = np.array([[20.0, 60.0], [180.0, 60.0]]), np.array([1, 0])
+    graph = ImageGraph.from_image(img, PropagationSettings())
+    for first, then, spreads in ((unsure, sure, True), (sure, unsure, False)):
+        model = ScriptedModel([first, then])
+        auto = PropagatingPredictor(model, PropagationSettings(), FRAME, mode="auto")
+        auto.set_image(img)
+        one = auto.predict(points=pts[:1], labels=labels[:1])
+        two = auto.predict(points=pts, labels=labels)
+        # the first step decides for the image: a surer (or less sure) later answer does not switch it
+        want = graph.refine(then, FRAME, pts, labels) if spreads else FRAME.logits_to_original(then, (H, W)) > 0
+        assert np.array_equal(two.mask, want) and np.array_equal(two.low_res_logits, then)
+        own = FRAME.logits_to_original(first, (H, W)) > 0
+        assert np.array_equal(one.mask, graph.refine(first, FRAME, pts[:1], labels[:1]) if spreads else own)
+        assert model.calls == [1, 2]  # the decision came from the answer already given
+    model = ScriptedModel([unsure, sure])
+    auto = PropagatingPredictor(model, PropagationSettings(), FRAME, mode="auto")
+    auto.set_image(img)
+    assert np.array_equal(auto.predict(points=pts, labels=labels).mask, graph.refine(sure, FRAME, pts, labels))
+    assert model.calls == [2, 1]  # no first step seen for this image: it is answered to decide
+    with pytest.raises(InvalidInputError, match="on or auto"):
+        PropagatingPredictor(model, PropagationSettings(), FRAME, mode="off")
+    with pytest.raises(InvalidInputError, match="propagation must be one of off, on, auto"):
+        PropagatingPredictor(model, PropagationSettings(), FRAME, mode="sometimes")
+    with pytest.raises(InvalidInputError, match="at most 1"):
+        PropagationSettings(auto_confidence=1.5)
+
+
 def test_serve_flags_and_config_file_turn_propagation_on(tmp_path):
     from histosam.backend.cli import build_parser
     from histosam.backend.commands.serve import settings_from_args
+    from histosam.backend.server import ServerSettings
 
     parser = build_parser()
-    assert settings_from_args(parser.parse_args(["serve"])).propagation is False
+    assert settings_from_args(parser.parse_args(["serve"])).propagation == "off"
     flagged = settings_from_args(parser.parse_args(["serve", "--propagation"]))
-    assert flagged.propagation is True and flagged.propagation_config is None
+    assert flagged.propagation == "on" and flagged.propagation_config is None
+    assert settings_from_args(parser.parse_args(["serve", "--propagation", "auto"])).propagation == "auto"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--propagation", "sometimes"])
     (tmp_path / "p.yaml").write_text("gamma: 0.01\n")
     (tmp_path / "serve.yaml").write_text("propagation: true\npropagation_config: p.yaml\n")
     from_file = settings_from_args(parser.parse_args(["serve", "--config", str(tmp_path / "serve.yaml")]))
-    assert from_file.propagation is True
+    assert from_file.propagation == "on"
     assert from_file.propagation_config == tmp_path / "p.yaml"  # relative to the config file
+    assert ServerSettings.from_mapping({"propagation": "auto"}).propagation == "auto"
+    assert ServerSettings(propagation=False).propagation == "off"
+    with pytest.raises(InvalidInputError, match="propagation must be one of off, on, auto"):
+        ServerSettings.from_mapping({"propagation": "yes"})
 
 
 def test_nested_dissection_order_solves_the_same_system_exactly():

@@ -27,7 +27,7 @@ from histosam.backend.catalog import cached_bundle_path
 from histosam.backend.errors import HistosamError, InvalidInputError, NotFoundError
 from histosam.backend.geometry import PolygonXY, mask_to_polygons, polygons_to_mask
 from histosam.backend.models import ModelStore, default_bundle_path
-from histosam.backend.propagation import ImageGraph, PropagationSettings
+from histosam.backend.propagation import ImageGraph, PropagationSettings, model_confidence
 from histosam.backend.server import (
     DEFAULT_MIN_AREA,
     SERVICE_NAME,
@@ -500,14 +500,24 @@ def test_clicks_spread_through_propagation_by_default_or_per_click(models, serve
     expected = {True: graph.refine(second, model.transform, points, labels),
                 False: model.transform.logits_to_original(second, (H, W)) > 0}
     assert not np.array_equal(expected[True], expected[False])  # the walker did change something
+    always_unsure = tmp_path / "unsure.yaml"
+    always_unsure.write_text("auto_confidence: 1.0\n")  # every answer counts as unsure: auto = on
+    never_unsure = tmp_path / "sure.yaml"
+    never_unsure.write_text("auto_confidence: 1.0e-9\n")  # no answer is that unsure: auto = off
     spreading = SegmentationServer(ServerSettings(port=0, threads=2, ort_threads=1, propagation=True), models=models)
-    spreading.start()
+    auto = SegmentationServer(ServerSettings(port=0, threads=2, ort_threads=1, propagation="auto",
+                                             propagation_config=always_unsure), models=models)
+    sure = SegmentationServer(ServerSettings(port=0, threads=2, ort_threads=1, propagation="auto",
+                                             propagation_config=never_unsure), models=models)
+    for srv in (spreading, auto, sure):
+        srv.start()
     choices = {None: pb.PROPAGATION_SERVER_DEFAULT, True: pb.PROPAGATION_ON, False: pb.PROPAGATION_OFF}
+    defaults = {True: pb.PROPAGATION_ON, False: pb.PROPAGATION_OFF}
     try:
         for srv, default in ((spreading, True), (server, False)):  # the module's server has the default: off
             with grpc.insecure_channel(srv.address) as channel:
                 stub = pb_grpc.SegmentationStub(channel)
-                assert stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10).propagation_default is default
+                assert stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10).propagation_default == defaults[default]
                 sid = open_image(stub, image_png).session_id
                 for k, choice in enumerate((None, not default, default, None)):
                     request = pb.ClickRequest(session_id=sid, points=pts((100.0, 100.0, True), (250.0, 120.0, False)),
@@ -525,12 +535,29 @@ def test_clicks_spread_through_propagation_by_default_or_per_click(models, serve
                                timeout=30)
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                 assert "propagation 7 is not one of" in err.value.details()
+        # auto: decided by the model's confidence in its answer to the first point (0.05 shipped)
+        unsure = model_confidence(first, model.transform, (H, W), 4.0) < PropagationSettings.load().auto_confidence
+        for srv, request_choice, on in ((server, pb.PROPAGATION_AUTO, unsure),
+                                        (auto, pb.PROPAGATION_SERVER_DEFAULT, True),
+                                        (sure, pb.PROPAGATION_AUTO, False)):
+            with grpc.insecure_channel(srv.address) as channel:
+                stub = pb_grpc.SegmentationStub(channel)
+                sid = open_image(stub, image_png).session_id
+                request = pb.ClickRequest(session_id=sid, points=pts((100.0, 100.0, True), (250.0, 120.0, False)),
+                                          want_mask_png=True, min_area=0, propagation=request_choice)
+                reply = stub.Click(request, timeout=30)
+                assert reply.propagated is on and reply.decoded_steps == 2  # the first step came from the history
+                assert iou(decode_png_mask(reply.mask_png), expected[on]) > 0.999
+        with grpc.insecure_channel(auto.address) as channel:
+            info = pb_grpc.SegmentationStub(channel).GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
+            assert info.propagation_default == pb.PROPAGATION_AUTO
     finally:
-        spreading.stop(0)
+        for srv in (spreading, auto, sure):
+            srv.stop(0)
     custom = tmp_path / "p.yaml"
     custom.write_text("gamma: 0.5\n")
     assert SegmentationServicer(ServerSettings(propagation_config=custom), models, False).propagation.gamma == 0.5
-    with pytest.raises(InvalidInputError, match="true or false"):
+    with pytest.raises(InvalidInputError, match="propagation must be one of"):
         ServerSettings.from_mapping({"propagation": "yes"})
     with pytest.raises(NotFoundError, match="propagation config"):
         SegmentationServicer(ServerSettings(propagation_config=tmp_path / "none.yaml"), models, False)

@@ -48,9 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="evaluate only the first N kept samples of each --data folder")
     p.add_argument("--out", type=Path, required=True, help="output folder for results.json, table.md, miou_per_click.png")
     p.add_argument(
-        "--propagation", choices=("on", "off", "both"), default="off",
+        "--propagation", choices=("on", "off", "auto", "both", "all"), nargs="+", default=["off"],
         help="learned models: the model's mask alone (off, the default, as `histosam serve`), spread by the "
-        "click-seeded random walker (on, as `histosam serve --propagation`), or both runs",
+        "click-seeded random walker (on), spread on images the model is unsure of (auto); one run each "
+        "(both = off on, all = off on auto)",
     )
     p.add_argument("--propagation-config", type=Path, metavar="F",
                    help="YAML of click-propagation settings (default: the shipped propagation.yaml)")
@@ -90,11 +91,22 @@ def load_torch(model: str):
     return TorchPredictor.from_spec(model)
 
 
-def with_propagation(predictor, settings):
-    """``predictor`` as the server answers a click: its mask spread by the random walker."""
+def with_propagation(predictor, settings, mode: str = "on"):
+    """``predictor`` as the server answers a click in propagation ``mode`` (on or auto)."""
     from histosam.backend.propagation import PropagatingPredictor
 
-    return PropagatingPredictor(predictor, settings, predictor.transform)
+    return PropagatingPredictor(predictor, settings, predictor.transform, mode)
+
+
+# Run-key suffix of each propagation mode ("" = the model's mask alone).
+PROPAGATION_SUFFIX = {"off": "", "on": "+propagation", "auto": "+auto-propagation"}
+
+
+def propagation_modes(choices: list[str]) -> list[str]:
+    """--propagation's words -> the modes to run, each once, in off / on / auto order."""
+    expand = {"both": ["off", "on"], "all": ["off", "on", "auto"]}
+    wanted = {m for c in choices for m in expand.get(c, [c])}
+    return [m for m in ("off", "on", "auto") if m in wanted]
 
 
 def _needs_torch(model: str, exc: ImportError):
@@ -139,12 +151,13 @@ def run(args: argparse.Namespace) -> int:
         summary.update(n_kept=selection.n_kept, n_total=selection.n_total)
         runs[key] = summary
 
-    settings = PropagationSettings.load(args.propagation_config) if args.propagation != "off" else None
-    # Run-key suffixes: "+propagation" marks the server's answer, "" the model's mask alone.
-    variants = {"on": ["+propagation"], "off": [""], "both": ["", "+propagation"]}[args.propagation]
+    modes = propagation_modes(args.propagation)
+    settings = PropagationSettings.load(args.propagation_config) if modes != ["off"] else None
+    variants = [PROPAGATION_SUFFIX[m] for m in modes]
+    mode_of = {v: m for m, v in PROPAGATION_SUFFIX.items()}
 
     def variant(predictor, suffix: str):
-        return with_propagation(predictor, settings) if suffix else predictor
+        return with_propagation(predictor, settings, mode_of[suffix]) if suffix else predictor
 
     for backend in backends:
         if backend in BASELINES:
@@ -177,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
             "stop_iou": config.stop_iou,
             "full_curve": config.full_curve,
             "limit": args.limit,
-            "propagation": args.propagation,
+            "propagation": modes,
             "propagation_settings": dataclasses.asdict(settings) if settings is not None else None,
         },
         "n": len(samples),

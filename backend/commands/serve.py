@@ -57,10 +57,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-points", type=int, default=S, metavar="N", help="points per click (default 100)")
     p.add_argument("--grace-seconds", type=float, default=S, metavar="S",
                    help="time running calls get to finish on shutdown (default 5)")
-    p.add_argument("--propagation", action="store_true", default=S,
-                   help="by default, spread each click over its colour region with a random walker seeded by the "
-                   "clicks, the model's mask as its prior (for tumour regions with soft borders; off by default; "
-                   "a client may choose per click either way)")
+    p.add_argument("--propagation", nargs="?", const="on", choices=("on", "off", "auto"), default=S,
+                   help="what a click that does not choose gets: spread over its colour region by a random walker "
+                   "seeded by the clicks, the model's mask as its prior (on; for tumour regions with soft borders), "
+                   "the model's mask alone (off, the default), or spread where the model is unsure of the image "
+                   "(auto). A bare --propagation means on; a client may choose per click either way")
     p.add_argument("--propagation-config", type=Path, default=S, metavar="F",
                    help="YAML of click-propagation settings (default: the shipped propagation.yaml)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -163,9 +164,9 @@ def _serve(settings) -> int:
         print(f"histosam serve: models {', '.join(server.models.names)} (default {server.models.default_name}); "
               f"providers {', '.join(server.providers)}", flush=True)
         spread = server.servicer.propagation
-        print(f"histosam serve: click propagation {'on' if settings.propagation else 'off'} by default, clients may "
-              f"choose per click (gamma {spread.gamma:g}, beta {spread.beta:g}, {spread.working_side} px walker grid)",
-              flush=True)
+        print(f"histosam serve: click propagation {settings.propagation} by default, clients may choose per click "
+              f"(gamma {spread.gamma:g}, beta {spread.beta:g}, {spread.working_side} px walker grid, "
+              f"auto below confidence {spread.auto_confidence:g})", flush=True)
         if not _is_loopback(settings.host) and not (settings.tls_cert and server.servicer.token_required):
             print("histosam serve: warning: listening beyond this machine without TLS and a token",
                   file=sys.stderr, flush=True)

@@ -12,9 +12,11 @@ class Propagation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PROPAGATION_SERVER_DEFAULT: _ClassVar[Propagation]
     PROPAGATION_ON: _ClassVar[Propagation]
     PROPAGATION_OFF: _ClassVar[Propagation]
+    PROPAGATION_AUTO: _ClassVar[Propagation]
 PROPAGATION_SERVER_DEFAULT: Propagation
 PROPAGATION_ON: Propagation
 PROPAGATION_OFF: Propagation
+PROPAGATION_AUTO: Propagation
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()
@@ -75,8 +77,8 @@ class GetServerInfoResponse(_message.Message):
     open_sessions: int
     cache_used_bytes: int
     cache_entries: int
-    propagation_default: bool
-    def __init__(self, version: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., default_model: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., token_required: _Optional[bool] = ..., slides_enabled: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., cache_used_bytes: _Optional[int] = ..., cache_entries: _Optional[int] = ..., propagation_default: _Optional[bool] = ...) -> None: ...
+    propagation_default: Propagation
+    def __init__(self, version: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., default_model: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., token_required: _Optional[bool] = ..., slides_enabled: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., cache_used_bytes: _Optional[int] = ..., cache_entries: _Optional[int] = ..., propagation_default: _Optional[_Union[Propagation, str]] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("origin_x", "origin_y", "downsample")
