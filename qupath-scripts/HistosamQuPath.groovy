@@ -50,6 +50,7 @@ class HistosamQuPathLayer {
     static final String POSITIVE = 'Positive'
     static final String NEGATIVE = 'Negative'
     static final String IOU = 'predicted IoU'
+    static final String PROPAGATED = 'histosam click propagation'
 
     final Map H
     final File dir
@@ -241,6 +242,12 @@ class HistosamQuPathLayer {
         }
     }
 
+    /** The predicted IoU, and whether click propagation spread the clicks (1) or not (0). */
+    private static void setAnswerMeasurements(PathObject pathObject, Map answer) {
+        setIoU(pathObject, answer.predicted_iou)
+        pathObject.getMeasurementList().put(PROPAGATED, answer.propagated ? 1.0d : 0.0d)
+    }
+
     /** Every point of every point annotation classed Positive / Negative on `plane`. */
     private static List pointsOf(PathObjectHierarchy hierarchy, ImagePlane plane) {
         List points = []
@@ -360,12 +367,12 @@ class HistosamQuPathLayer {
         if (!present) {  // first answer, or the user deleted the previous result
             annotation = PathObjects.createAnnotationObject(roi, state.pathClass as PathClass)
             annotation.setName('histosam')
-            setIoU(annotation, answer.predicted_iou)
+            setAnswerMeasurements(annotation, answer)
             state.annotation = annotation
             hierarchy.addObject(annotation)
         } else {
             annotation.setROI(roi)
-            setIoU(annotation, answer.predicted_iou)
+            setAnswerMeasurements(annotation, answer)
             hierarchy.fireHierarchyChangedEvent(this, annotation)
         }
     }
@@ -409,7 +416,7 @@ class HistosamQuPathLayer {
             roi = ringsToROI(answer.rings as List, state.plane as ImagePlane)
         }
         target.setROI(roi)
-        setIoU(target, answer.predicted_iou)
+        setAnswerMeasurements(target, answer)
         hierarchy.fireHierarchyChangedEvent(this, target)
     }
 
