@@ -199,7 +199,10 @@ def test_cli_client_info_open_click(server, image_file, tmp_path, capsys):
     # On an existing session by id.
     code, out, _ = run_cli(capsys, "client", "--server", server.address, "click", "--session",
                            opened["session_id"], "--point", "500,600")
-    assert code == 0 and json.loads(out)["num_points"] == 1
+    assert code == 0 and json.loads(out)["num_points"] == 1 and not json.loads(out)["propagated"]
+    code, out, _ = run_cli(capsys, "client", "--server", server.address, "click", "--session",
+                           opened["session_id"], "--point", "500,600", "--propagation", "on")
+    assert code == 0 and json.loads(out)["propagated"] and json.loads(out)["decoded_steps"] == 0
     # Errors: one line, the error's exit code.
     code, _, err = run_cli(capsys, "client", "--server", server.address, "click", "--session", "gone",
                            "--point", "1,1")

@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     cp.add_argument("--simplify", type=float, default=0.0, metavar="T", help="simplification tolerance, image pixels")
     cp.add_argument("--min-area", type=float, metavar="A", help="drop components below A image pixels (default: server's, 16)")
     cp.add_argument("--refine-mask", type=Path, metavar="PNG", help="image-sized mask of an annotation to refine")
+    cp.add_argument("--propagation", choices=("on", "off", "auto"),
+                    help="click propagation for this answer (default: the server's)")
     cp.add_argument("--mask-out", type=Path, metavar="PNG", help="write the mask PNG here")
     cp.add_argument("--geojson-out", type=Path, metavar="F", help="write a QuPath-importable GeoJSON here")
     cp.add_argument("--close", action="store_true", help="close the session afterwards")
@@ -147,7 +149,8 @@ def _click(client, session, args: argparse.Namespace) -> dict[str, Any]:
         except OSError as exc:
             raise NotFoundError(f"cannot read {args.refine_mask}: {exc.strerror}") from None
     result = client.click(session, points, box=box, want_mask=args.mask_out is not None,
-                          simplify_tolerance=args.simplify, min_area=args.min_area, mask_prompt_png=refine)
+                          simplify_tolerance=args.simplify, min_area=args.min_area, mask_prompt_png=refine,
+                          propagation=args.propagation)
     if args.mask_out is not None:
         args.mask_out.write_bytes(result.mask_png)
     if args.geojson_out is not None:
@@ -162,6 +165,7 @@ def _click(client, session, args: argparse.Namespace) -> dict[str, Any]:
         "decode_seconds": result.decode_seconds,
         "mask_pixels": result.mask_pixels,
         "reopened": result.reopened,
+        "propagated": result.propagated,
         "polygons": [
             {"exterior": p.exterior.tolist(), "holes": [h.tolist() for h in p.holes]} for p in result.polygons
         ],
