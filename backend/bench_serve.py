@@ -156,11 +156,10 @@ def run_bench(args: argparse.Namespace) -> int:
                     t0 = time.perf_counter()
                     low, _ = decoder(features, hw, pts_k, labels_k, None, prev)
                     t1 = time.perf_counter()
-                    logits = model.transform.logits_to_original(low, hw)
                     if graph is not None:
-                        mask = graph.refine(low, model.transform, pts_k, labels_k, logits)
+                        mask = graph.refine(low, model.transform, pts_k, labels_k)
                     else:
-                        mask = logits > 0
+                        mask = model.transform.mask_from_logits(low, hw)
                     t2 = time.perf_counter()
                     mask_to_polygons(mask, min_area=DEFAULT_MIN_AREA)
                     t3 = time.perf_counter()

@@ -50,7 +50,8 @@ class Bundle:
     @property
     def transform(self) -> ImageTransform:
         norm = self.manifest["normalisation"]
-        return ImageTransform(int(self.manifest["input_size"]), tuple(norm["mean"]), tuple(norm["std"]))
+        return ImageTransform(int(self.manifest["input_size"]), tuple(norm["mean"]), tuple(norm["std"]),
+                              int(self.manifest.get("mask_dilation", 0)))
 
     @property
     def model_sha256(self) -> str:

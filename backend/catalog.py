@@ -27,6 +27,11 @@ NEEDS_CHECKPOINT: frozenset[str] = frozenset({"mobile_sam", "vit_b", "vit_l", "v
 SHIPPED: dict[str, tuple[str, str]] = {
     "lite_medsam_histo": ("lite_medsam", "lite_medsam_histo.safetensors"),
 }
+# Mask calibration measured for a shipped file (ImageTransform.mask_dilation, low-res pixels):
+# it belongs to those weights, so other decoder weights given by a user get none.
+SHIPPED_MASK_DILATION: dict[str, int] = {
+    "lite_medsam_histo": 1,
+}
 # What `histosam serve` and `histosam export` use when no model is named.
 DEFAULT_MODEL = "lite_medsam_histo"
 
@@ -80,11 +85,12 @@ def resolve_source(name: str, checkpoint: str | os.PathLike | None = None,
         if not path.is_file():
             raise CheckpointError(f"shipped weights for {name} are missing: {path}")
         return {"name": name, "model": base, "checkpoint": str(checkpoint) if checkpoint else None,
-                "decoder_weights": str(decoder_weights or path)}
+                "decoder_weights": str(decoder_weights or path),
+                "mask_dilation": 0 if decoder_weights else SHIPPED_MASK_DILATION.get(name, 0)}
     if name not in BASE_MODELS:
         raise NotFoundError(f"unknown model {name!r}; known: {', '.join(known_models())}")
     return {"name": name, "model": name, "checkpoint": str(checkpoint) if checkpoint else None,
-            "decoder_weights": str(decoder_weights) if decoder_weights else None}
+            "decoder_weights": str(decoder_weights) if decoder_weights else None, "mask_dilation": 0}
 
 
 def weights_sha256(model: str, checkpoint: str | os.PathLike | None) -> str | None:
@@ -101,6 +107,8 @@ def bundle_key(source: dict[str, Any]) -> str:
              weights_sha256(source["model"], source.get("checkpoint")) or "seeded"]
     if source.get("decoder_weights"):
         parts.append(sha256_file(Path(source["decoder_weights"])))
+    if source.get("mask_dilation"):
+        parts.append(f"mask_dilation={int(source['mask_dilation'])}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 

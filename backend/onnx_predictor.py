@@ -119,5 +119,4 @@ class OnnxPredictor:
         if self.features is None or self._hw is None:
             raise RuntimeError("call set_image before predict")
         low, iou = self.decoder(self.features, self._hw, points, labels, box, mask_logits)
-        logits = self.transform.logits_to_original(low, self._hw)
-        return Prediction(mask=logits > 0, low_res_logits=low, iou=iou)
+        return Prediction(mask=self.transform.mask_from_logits(low, self._hw), low_res_logits=low, iou=iou)

@@ -533,13 +533,12 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
 
         with session.lock:
             result, seconds, steps = session.resolve(prompt, decode)
-        logits = model.transform.logits_to_original(result.low_res, hw)
         propagate = mode == "on" or (mode == "auto" and self._unsure_at_first_step(prompt, session, decode))
         if propagate:
             graph = self._graph(embedding, self.propagation)
-            mask = graph.refine(result.low_res, model.transform, prompt.points, prompt.labels, logits)
+            mask = graph.refine(result.low_res, model.transform, prompt.points, prompt.labels)
         else:
-            mask = logits > 0
+            mask = model.transform.mask_from_logits(result.low_res, hw)
         frame = session.frame
         polygons = mask_to_polygons(mask, origin=frame.origin, downsample=frame.downsample,
                                     simplify_tolerance=tolerance, min_area=min_area)

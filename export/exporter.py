@@ -155,6 +155,8 @@ def export_bundle(
             "input_size": spec.input_size,
             "normalisation": {"mean": list(spec.mean), "std": list(spec.std), "scale": "0-255 RGB"},
             "embedding_shape": list(spec.embedding_shape),
+            # Mask calibration of these weights (ImageTransform.mask_dilation; 0 for none).
+            "mask_dilation": int(source.get("mask_dilation") or 0),
             "extra_features": list(spec.extra_features),
             "opset": opset,
             "quantize": quantize,

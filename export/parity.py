@@ -57,8 +57,8 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def check_parity(model: HistoSam, bundle_dir: Path, sizes=PARITY_SIZES, progress: bool = False) -> dict[str, Any]:
-    torch_pred = TorchPredictor(model)
     onnx_pred = OnnxPredictor.from_bundle(bundle_dir)
+    torch_pred = TorchPredictor(model, mask_dilation=onnx_pred.transform.mask_dilation)
     quantized = bool(onnx_pred.bundle.manifest.get("quantize"))
     cases: list[dict[str, Any]] = []
     max_emb = 0.0
@@ -77,7 +77,8 @@ def check_parity(model: HistoSam, bundle_dir: Path, sizes=PARITY_SIZES, progress
             po2 = onnx_pred.predict(prompt.get("points"), prompt.get("labels"), prompt.get("box"), pt.low_res_logits)
             logit_diff = max(float(np.abs(pt.low_res_logits - po.low_res_logits).max()),
                              float(np.abs(pt2.low_res_logits - po2.low_res_logits).max()))
-            graph_iou = _graph_masks_iou(onnx_pred, prompt, (h, w), pt.mask)
+            raw = torch_pred.transform.logits_to_original(pt.low_res_logits, (h, w)) > 0  # the graph's own rule
+            graph_iou = _graph_masks_iou(onnx_pred, prompt, (h, w), raw)
             cases.append({
                 "size": [h, w], "prompt": j,
                 "embedding_diff": emb_diff,

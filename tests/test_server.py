@@ -770,3 +770,37 @@ def test_real_model_on_a_real_patch(lite_server, data_dir):
         assert iou(mask, truth) > 0.3  # zero-shot on a tumour region from its bounding box
         raster = polygons_to_mask(polygons_of(reply), truth.shape, origin=(0, 0), downsample=1)
         assert iou(raster, mask) > 0.99  # only specks below the minimum area differ
+
+
+def test_a_bundles_mask_calibration_shapes_the_served_mask_not_the_history(tiny_bundle, tmp_path, image_png):
+    """mask_dilation in the manifest (the shipped default's is 1) grows served masks by whole
+    low-res pixels; the logits kept for the next click stay the model's own."""
+    import json
+    import shutil
+
+    calibrated = tmp_path / "tiny_calibrated"
+    shutil.copytree(tiny_bundle, calibrated)
+    manifest = json.loads((calibrated / "manifest.json").read_text())
+    manifest["mask_dilation"] = 1
+    (calibrated / "manifest.json").write_text(json.dumps(manifest))
+    masks, lows = {}, {}
+    for name, bundle in (("plain", tiny_bundle), ("calibrated", calibrated)):
+        store = ModelStore.load([bundle], threads=1)
+        assert store.default.transform.mask_dilation == (1 if name == "calibrated" else 0)
+        srv = SegmentationServer(ServerSettings(port=0, threads=2, ort_threads=1), models=store)
+        srv.start()
+        try:
+            with grpc.insecure_channel(srv.address) as channel:
+                stub = pb_grpc.SegmentationStub(channel)
+                sid = open_image(stub, image_png).session_id
+                request = pb.ClickRequest(session_id=sid, points=pts((100.0, 100.0, True)), want_mask_png=True,
+                                          min_area=0)
+                masks[name] = decode_png_mask(stub.Click(request, timeout=30).mask_png)
+                session = srv.servicer.sessions.get(sid)
+                lows[name] = next(iter(session.history.values())).low_res
+        finally:
+            srv.stop(0)
+    assert np.array_equal(lows["plain"], lows["calibrated"])  # the mask prompt is not calibrated
+    transform = ModelStore.load([calibrated], threads=1).default.transform
+    assert np.array_equal(masks["calibrated"], transform.mask_from_logits(lows["calibrated"], (H, W)))
+    assert masks["calibrated"][masks["plain"]].all() and masks["calibrated"].sum() > masks["plain"].sum()

@@ -22,6 +22,9 @@ def test_default_model_is_a_shipped_fine_tune_with_its_weights():
     assert source["model"] == "lite_medsam" and source["decoder_weights"] == str(path)
     # --model lite_medsam stays the unmodified zero-shot model.
     assert registry.resolve_source("lite_medsam")["decoder_weights"] is None
+    # The mask calibration belongs to the shipped file: other decoder weights get none.
+    assert source["mask_dilation"] == 1 and registry.resolve_source("lite_medsam")["mask_dilation"] == 0
+    assert registry.resolve_source("default", decoder_weights=str(path))["mask_dilation"] == 0
 
 
 def test_model_card_names_the_weights_sha256():
@@ -48,3 +51,5 @@ def test_evaluate_loads_the_default_and_shipped_names_on_the_torch_side():
         pred = TorchPredictor.from_spec(name)
         assert pred.name == registry.DEFAULT_MODEL
         assert pred.model.click_disk_radius > 0  # the shipped weights' settings, not the base model
+        assert pred.transform.mask_dilation == 1  # and its measured mask calibration
+    assert TorchPredictor.from_spec("lite_medsam").transform.mask_dilation == 0

@@ -75,3 +75,24 @@ def test_prompt_arrays_padding_box_and_errors():
         prompt_arrays(None, None, None)
     with pytest.raises(InvalidInputError):
         prompt_arrays([[1, 1]], [1, 0], None)
+
+
+def test_mask_dilation_grows_the_mask_by_whole_low_res_pixels_and_leaves_the_logits():
+    from histosam.backend.transforms import LOW_RES
+
+    low = np.full((LOW_RES, LOW_RES), -5.0, np.float32)
+    low[100:140, 60:90] = 5.0
+    plain = ImageTransform(256, (0.0, 0.0, 0.0), (255.0, 255.0, 255.0))
+    calibrated = ImageTransform(256, (0.0, 0.0, 0.0), (255.0, 255.0, 255.0), mask_dilation=1)
+    before = low.copy()
+    base = plain.mask_from_logits(low, (512, 512))  # 1 low-res pixel = 2 image pixels here
+    grown = calibrated.mask_from_logits(low, (512, 512))
+    assert np.array_equal(low, before)  # the mask prompt fed back stays the model's own
+    assert np.array_equal(base, plain.logits_to_original(low, (512, 512)) > 0)
+    rows, cols = np.nonzero(base)
+    rows2, cols2 = np.nonzero(grown)
+    assert grown[base].all() and grown.sum() > base.sum()  # only grows
+    assert rows.min() - rows2.min() == 2 and rows2.max() - rows.max() == 2
+    assert cols.min() - cols2.min() == 2 and cols2.max() - cols.max() == 2
+    with pytest.raises(InvalidInputError, match="mask_dilation"):
+        ImageTransform(256, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), mask_dilation=-1)

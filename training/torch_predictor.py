@@ -21,12 +21,12 @@ from histosam.training.models.sam_model import HistoSam
 class TorchPredictor:
     """Encode once with ``set_image``, then ``predict`` per click."""
 
-    def __init__(self, model: HistoSam, name: str | None = None, device: str = "cpu") -> None:
+    def __init__(self, model: HistoSam, name: str | None = None, device: str = "cpu", mask_dilation: int = 0) -> None:
         self.model = model.eval().to(device)
         self.device = device
         self.name = name or model.spec.name
         spec = model.spec
-        self.transform = ImageTransform(spec.input_size, spec.mean, spec.std)
+        self.transform = ImageTransform(spec.input_size, spec.mean, spec.std, mask_dilation)
         self._features: dict[str, torch.Tensor] | None = None
         self._hw: tuple[int, int] | None = None
         self.last_encode_seconds = 0.0
@@ -39,14 +39,15 @@ class TorchPredictor:
 
         path = Path(model_or_bundle)
         if (path / "manifest.json").is_file():
-            source = json.loads((path / "manifest.json").read_text())["source"]
+            manifest = json.loads((path / "manifest.json").read_text())
+            source = manifest["source"]
             model = load_model_from_source(source)
-            return cls(model, name=source["model"])
+            return cls(model, name=source["model"], mask_dilation=int(manifest.get("mask_dilation", 0)))
         from histosam.backend.catalog import resolve_source
 
         # Base models, shipped fine-tunes and "default" resolve the same way as for export/serve.
         source = resolve_source(model_or_bundle, checkpoint, decoder_weights)
-        return cls(load_model_from_source(source), name=source["name"])
+        return cls(load_model_from_source(source), name=source["name"], mask_dilation=source.get("mask_dilation", 0))
 
     @torch.inference_mode()
     def set_image(self, image: np.ndarray) -> None:
@@ -82,5 +83,4 @@ class TorchPredictor:
             t(np.array([float(has_mask)], np.float32)),
         )
         low = low_res[0, 0].float().cpu().numpy()
-        logits = self.transform.logits_to_original(low, self._hw)
-        return Prediction(mask=logits > 0, low_res_logits=low, iou=float(iou[0, 0]))
+        return Prediction(mask=self.transform.mask_from_logits(low, self._hw), low_res_logits=low, iou=float(iou[0, 0]))
