@@ -20,6 +20,7 @@ as added). Prints a table; ``--out FILE`` also writes the numbers as JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -44,6 +45,8 @@ def register_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu", action="store_true", help="CPU provider even when CUDA is available")
     p.add_argument("--propagation", action="store_true",
                    help="serve with click propagation (the random walker on the model's mask) and count it as inference")
+    p.add_argument("--propagation-config", type=Path, metavar="F",
+                   help="YAML of click-propagation settings for --propagation (e.g. a smaller working_side)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     p.set_defaults(bench_func=run_bench)
@@ -105,7 +108,8 @@ def run_bench(args: argparse.Namespace) -> int:
         rgb = _default_image()
     h, w = rgb.shape[:2]
     settings = ServerSettings(port=0, bundles=(Path(bundle),), threads=4, ort_threads=args.ort_threads,
-                              prefer_gpu=not args.cpu, propagation=args.propagation)
+                              prefer_gpu=not args.cpu, propagation=args.propagation,
+                              propagation_config=args.propagation_config)
     rng = np.random.default_rng(args.seed)
     server = SegmentationServer(settings)
     server.start()
@@ -210,6 +214,10 @@ def run_bench(args: argparse.Namespace) -> int:
         "image_size": [w, h],
         "clicks": len(bare),
         "propagation": graph is not None,
+        "propagation_settings": dataclasses.asdict(graph.settings) if graph is not None else None,
+        # Per click, (decoder + propagation) / decoder alone, paired: the cost of propagation as a ratio
+        # measured within one run (issue 9's goal for per-click cost is at most 1.5x the stock decoder).
+        "inference_over_decoder": _stats_ratio(bare_inference, bare) if graph is not None else None,
         "decoder_bare": dec,
         "inference_bare": inf,
         "decoder_plus_postprocess": _stats(bare_post),
@@ -234,6 +242,12 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stats_ratio(num: list[float], den: list[float]) -> dict[str, float]:
+    ratios = np.asarray(num, np.float64) / np.maximum(np.asarray(den, np.float64), 1e-9)
+    return {"p50": float(np.median(ratios)), "p10": float(np.percentile(ratios, 10)),
+            "p90": float(np.percentile(ratios, 90))}
+
+
 def _print_table(r: dict[str, Any]) -> None:
     print(f"histosam bench serve: {r['model']} on {', '.join(r['providers'])}, image {r['image_size'][0]}x"
           f"{r['image_size'][1]}, {r['clicks']} clicks")
@@ -252,6 +266,11 @@ def _print_table(r: dict[str, Any]) -> None:
     ]
     for name, s in rows:
         print(f"{name:<34}{s['p50_ms']:>10.2f}{s['p99_ms']:>10.2f}")
+    if r["inference_over_decoder"]:
+        ratio = r["inference_over_decoder"]
+        print(f"decoder + propagation / decoder alone, per click: {ratio['p50']:.2f}x at p50 "
+              f"(p10 {ratio['p10']:.2f}x, p90 {ratio['p90']:.2f}x; walker grid "
+              f"{r['propagation_settings']['working_side']} px)")
     verdict = "met" if r["target_met"] else "NOT met"
     print(f"gRPC adds {r['grpc_added_p50_ms']:.2f} ms per click at p50 "
           f"({100 * (r['grpc_added_p50_fraction'] or 0):.1f} % of the inference); "

@@ -333,3 +333,25 @@ def test_the_load_bench_runs_clean_against_a_server_process(tiny_bundle, tmp_pat
     assert result["server_peak_rss_bytes"] >= result["server_rss_ready_bytes"] > 0
     assert result["server_cache_entries"] == 3 and result["model"] == "tiny_sam"
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_the_serve_bench_measures_propagation_as_a_paired_ratio(tiny_bundle, tmp_path):
+    """`histosam bench serve --propagation --propagation-config F` on the tiny model: the walker
+    runs with the file's settings, and its cost comes out as a per-click ratio to the decoder."""
+    import json
+
+    from histosam.backend.cli import main
+
+    config = tmp_path / "small_grid.yaml"
+    config.write_text("working_side: 64\n")
+    out = tmp_path / "serve.json"
+    rc = main(["bench", "serve", "--bundle", str(tiny_bundle), "--cpu", "--ort-threads", "1", "--sequences", "2",
+               "--points", "3", "--opens", "1", "--propagation", "--propagation-config", str(config),
+               "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert rc == 0 and result["clicks"] == 6 and result["propagation"]
+    assert result["propagation_settings"]["working_side"] == 64
+    ratio = result["inference_over_decoder"]
+    assert ratio["p10"] <= ratio["p50"] <= ratio["p90"] and ratio["p50"] > 1.0  # the walker costs something
+    assert result["inference_bare"]["p50_ms"] > result["decoder_bare"]["p50_ms"]
