@@ -34,6 +34,8 @@ from histosam.backend.metrics import (
     MIOU_CLICKS,
     NOC_THRESHOLDS,
     NOF_THRESHOLDS,
+    REFINEMENT_SPAN,
+    error_closed,
     iou,
     miou_per_click,
     noc,
@@ -385,7 +387,21 @@ def aggregate(results: Sequence[SampleResult], config: EvalConfig) -> dict[str, 
         "clicks_total": n_clicks,
         "miou_per_click": {str(k): float(curve[k - 1]) for k in MIOU_CLICKS if k <= m},
         "miou_curve": [float(v) for v in curve],
+        "refinement": _refinement(curve),
         "obedience": obedience(obeyed, positive),
+    }
+
+
+def _refinement(curve: np.ndarray) -> dict[str, Any]:
+    """mIoU gain and error closed over ``REFINEMENT_SPAN`` (see ``histosam.backend.metrics``)."""
+    start, end = REFINEMENT_SPAN
+    if len(curve) < end:
+        return {"from_click": start, "to_click": end, "miou_gain": None, "error_closed": None}
+    return {
+        "from_click": start,
+        "to_click": end,
+        "miou_gain": float(curve[end - 1] - curve[start - 1]),
+        "error_closed": error_closed(curve, start, end),
     }
 
 

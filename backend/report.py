@@ -55,6 +55,7 @@ def _metrics_table(runs: dict[str, dict[str, Any]], max_clicks: int) -> list[str
         + ["SPC ms (amort.)", "SPC ms (dec.)"]
         + [f"NoF/n@{threshold_key(t)}" for t in NOF_THRESHOLDS]
         + [f"mIoU@{k}" for k in miou_cols]
+        + ["error closed @1->10"]
     )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, run in runs.items():
@@ -63,6 +64,7 @@ def _metrics_table(runs: dict[str, dict[str, Any]], max_clicks: int) -> list[str
         cells += [_ms(run["spc"]["amortised"]), _ms(run["spc"]["decoder"])]
         cells += [f"{run['nof'][threshold_key(t)]['count']}/{run['n']}" for t in NOF_THRESHOLDS]
         cells += [_fmt(run["miou_per_click"].get(str(k)), 3) for k in miou_cols]
+        cells += [_fmt(run.get("refinement", {}).get("error_closed"), 2)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -121,7 +123,8 @@ def render_table(results: dict[str, Any]) -> str:
         f"Protocol: RITM clicker, up to {m} clicks, "
         + ("full curves" if cfg["full_curve"] else f"stop at IoU >= {cfg.get('stop_iou', cfg['target_iou']):g}")
         + "; NoF counts NoC == max clicks (RITM); mIoU pads stopped curves with their last IoU;"
-        " SPC = seconds per click in ms, amortised over encoder + decoder or decoder only.",
+        " SPC = seconds per click in ms, amortised over encoder + decoder or decoder only;"
+        " error closed @1->10 = (mIoU@10 - mIoU@1) / (1 - mIoU@1).",
         "",
     ]
     runs = results["runs"]

@@ -17,6 +17,7 @@ from histosam.backend.errors import InvalidInputError, NotFoundError
 from histosam.backend.evaluation import (
     EvalConfig,
     EvalSample,
+    SampleResult,
     aggregate,
     evaluate_pair,
     evaluate_predictor,
@@ -178,6 +179,18 @@ def test_a_target_below_the_highest_noc_threshold_does_not_cut_curves_short():
     results = evaluate_predictor(half, samples, config, progress=False)
     assert [len(r.ious) for r in results] == [3, 3]
     assert aggregate(results, config)["noc"]["90"] == 3.0
+
+
+def test_refinement_reports_gain_and_error_closed_between_clicks_1_and_10():
+    config = EvalConfig(max_clicks=20)
+    rising = SampleResult(name="a", dataset="d", ious=[0.6 + 0.03 * k for k in range(10)])  # stops at 0.87
+    flat = SampleResult(name="b", dataset="d", ious=[0.8] * 20)
+    out = aggregate([rising, flat], config)["refinement"]
+    assert out["from_click"] == 1 and out["to_click"] == 10
+    assert out["miou_gain"] == pytest.approx((0.87 - 0.6) / 2)
+    assert out["error_closed"] == pytest.approx(((0.87 + 0.8) / 2 - 0.7) / (1 - 0.7))
+    short = aggregate([rising], EvalConfig(max_clicks=5))["refinement"]
+    assert short["miou_gain"] is None and short["error_closed"] is None
 
 
 def test_wrong_mask_shape_from_a_predictor_is_a_clear_error():

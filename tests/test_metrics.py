@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from histosam.backend.metrics import (
+    error_closed,
     iou,
     miou_per_click,
     noc,
@@ -65,3 +66,14 @@ def test_obedience_splits_positive_and_negative_clicks():
 
 def test_threshold_keys():
     assert [threshold_key(t) for t in (0.8, 0.85, 0.9)] == ["80", "85", "90"]
+
+
+def test_error_closed_is_the_share_of_the_remaining_error_removed():
+    curve = [0.72, 0.75, 0.8, 0.86]
+    # 0.72 -> 0.86: 0.14 of the 0.28 left after click 1
+    assert error_closed(curve, 1, 4) == pytest.approx(0.5)
+    assert error_closed([0.2, 0.5], 1, 2) == pytest.approx(0.375)  # same gain, worse start
+    assert error_closed([0.8, 0.6], 1, 2) == pytest.approx(-1.0)  # later clicks made it worse
+    assert error_closed([1.0, 1.0], 1, 2) is None  # nothing left to close
+    assert error_closed(curve, 1, 5) is None  # curve too short
+    assert error_closed(curve, 3, 3) is None
