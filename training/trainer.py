@@ -180,6 +180,8 @@ def summarise_eval(agg: dict[str, Any]) -> dict[str, float | None]:
         "noc85": agg["noc"]["85"], "noc90": agg["noc"]["90"],
         "miou1": m.get("1"), "miou5": m.get("5"), "miou10": m.get("10"),
         "obey_pos": agg["obedience"]["positive"], "obey_neg": agg["obedience"]["negative"],
+        # Refinement that does not punish a good first click (None when validation stops before 10 clicks).
+        "error_closed": agg["refinement"]["error_closed"],
     }
 
 
