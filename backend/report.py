@@ -16,9 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from histosam.backend.metrics import NOC_THRESHOLDS, NOF_THRESHOLDS, threshold_key
+from histosam.backend.metrics import NOC_THRESHOLDS, NOF_THRESHOLDS, REFINEMENT_SPAN, threshold_key
 
 TABLE_MIOU_CLICKS = (1, 5, 10, 20)
+_A, _B = REFINEMENT_SPAN
+ERROR_CLOSED_HEADER = f"error closed @{_A}->{_B}"
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -55,7 +57,7 @@ def _metrics_table(runs: dict[str, dict[str, Any]], max_clicks: int) -> list[str
         + ["SPC ms (amort.)", "SPC ms (dec.)"]
         + [f"NoF/n@{threshold_key(t)}" for t in NOF_THRESHOLDS]
         + [f"mIoU@{k}" for k in miou_cols]
-        + ["error closed @1->10"]
+        + [ERROR_CLOSED_HEADER]
     )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, run in runs.items():
@@ -124,7 +126,7 @@ def render_table(results: dict[str, Any]) -> str:
         + ("full curves" if cfg["full_curve"] else f"stop at IoU >= {cfg.get('stop_iou', cfg['target_iou']):g}")
         + "; NoF counts NoC == max clicks (RITM); mIoU pads stopped curves with their last IoU;"
         " SPC = seconds per click in ms, amortised over encoder + decoder or decoder only;"
-        " error closed @1->10 = (mIoU@10 - mIoU@1) / (1 - mIoU@1).",
+        f" {ERROR_CLOSED_HEADER} = (mIoU@{_B} - mIoU@{_A}) / (1 - mIoU@{_A}).",
         "",
     ]
     runs = results["runs"]
