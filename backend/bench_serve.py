@@ -6,7 +6,8 @@ interleaved click by click, times
 * the bare onnxruntime decoder call (the same shared session the server uses, same features,
   same points, same previous-step logits),
 * the bare inference: the decoder plus click propagation (backend/propagation.py, the
-  random walker the server runs on the model's mask with ``--propagation``),
+  random walker the server runs on the model's mask with ``--propagation``) or edge snapping
+  (backend/edge_snap.py, ``--edge-snap``),
 * the bare inference plus the server's post-processing (logits to the image size, polygons),
 * a Click through gRPC (client stub -> loopback -> server -> decode -> polygons -> reply),
 
@@ -47,6 +48,10 @@ def register_bench(p: argparse.ArgumentParser) -> None:
                    help="serve with click propagation (the random walker on the model's mask) and count it as inference")
     p.add_argument("--propagation-config", type=Path, metavar="F",
                    help="YAML of click-propagation settings for --propagation (e.g. a smaller working_side)")
+    p.add_argument("--edge-snap", choices=("model", "on", "off"), default="model",
+                   help="edge snapping (the model's mask edge moved onto colour edges), counted as inference: as the "
+                   "model's bundle asks (model, the default, as `histosam serve`), always (on) or never (off)")
+    p.add_argument("--edge-snap-config", type=Path, metavar="F", help="YAML of edge-snap settings for --edge-snap")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     p.set_defaults(bench_func=run_bench)
@@ -90,6 +95,7 @@ def run_bench(args: argparse.Namespace) -> int:
     import grpc
     from tqdm import tqdm
 
+    from histosam.backend.edge_snap import snap_mask
     from histosam.backend.geometry import mask_to_polygons
     from histosam.backend.models import default_bundle_path
     from histosam.backend.server import DEFAULT_MIN_AREA, SegmentationServer, ServerSettings
@@ -109,7 +115,8 @@ def run_bench(args: argparse.Namespace) -> int:
     h, w = rgb.shape[:2]
     settings = ServerSettings(port=0, bundles=(Path(bundle),), threads=4, ort_threads=args.ort_threads,
                               prefer_gpu=not args.cpu, propagation=args.propagation,
-                              propagation_config=args.propagation_config)
+                              propagation_config=args.propagation_config, edge_snap=args.edge_snap,
+                              edge_snap_config=args.edge_snap_config)
     rng = np.random.default_rng(args.seed)
     server = SegmentationServer(settings)
     server.start()
@@ -141,6 +148,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
         session = server.servicer.sessions.get(opened.session_id)
         features, hw, graph = session.embedding.features, session.embedding.hw, session.embedding.graph
+        snap = server.servicer.edge_snap if server.servicer.snaps_edges(model) else None
+        snap_lab = session.embedding.snap_lab
+        extra = graph is not None or snap is not None  # post-processing that counts as inference
         decoder = model.decoder
         bare, bare_inference, bare_post, through_grpc, server_decode = [], [], [], [], []
         progress = tqdm(total=args.sequences * args.points, desc="clicks", unit="click", file=sys.stderr)
@@ -164,11 +174,13 @@ def run_bench(args: argparse.Namespace) -> int:
                         mask = graph.refine(low, model.transform, pts_k, labels_k)
                     else:
                         mask = model.transform.mask_from_logits(low, hw)
+                        if snap is not None:
+                            mask = snap_mask(snap_lab, mask, pts_k, labels_k, snap)
                     t2 = time.perf_counter()
                     mask_to_polygons(mask, min_area=DEFAULT_MIN_AREA)
                     t3 = time.perf_counter()
-                    # The logits' upsampling is post-processing without propagation, inference with.
-                    inference = t2 - t0 if graph is not None else t1 - t0
+                    # The logits' upsampling is post-processing alone, inference with propagation / snapping.
+                    inference = t2 - t0 if extra else t1 - t0
                     return low, t1 - t0, inference, t3 - t0
 
                 def run_grpc(request=request):
@@ -217,7 +229,9 @@ def run_bench(args: argparse.Namespace) -> int:
         "propagation_settings": dataclasses.asdict(graph.settings) if graph is not None else None,
         # Per click, (decoder + propagation) / decoder alone, paired: the cost of propagation as a ratio
         # measured within one run (issue 9's goal for per-click cost is at most 1.5x the stock decoder).
-        "inference_over_decoder": _stats_ratio(bare_inference, bare) if graph is not None else None,
+        "edge_snap": snap is not None,
+        "edge_snap_settings": dataclasses.asdict(snap) if snap is not None else None,
+        "inference_over_decoder": _stats_ratio(bare_inference, bare) if extra else None,
         "decoder_bare": dec,
         "inference_bare": inf,
         "decoder_plus_postprocess": _stats(bare_post),
@@ -254,7 +268,8 @@ def _print_table(r: dict[str, Any]) -> None:
     print(f"{'measure':<34}{'p50 ms':>10}{'p99 ms':>10}")
     rows = [
         ("decoder (bare onnxruntime)", r["decoder_bare"]),
-        ("inference: decoder + propagation" if r["propagation"] else "inference: decoder", r["inference_bare"]),
+        ("inference: decoder" + (" + propagation" if r["propagation"] else " + edge snap" if r["edge_snap"] else ""),
+         r["inference_bare"]),
         ("inference + mask + polygons (bare)", r["decoder_plus_postprocess"]),
         ("Click through gRPC (loopback)", r["grpc_click"]),
         ("  of which server decode", r["server_decode"]),
@@ -268,9 +283,10 @@ def _print_table(r: dict[str, Any]) -> None:
         print(f"{name:<34}{s['p50_ms']:>10.2f}{s['p99_ms']:>10.2f}")
     if r["inference_over_decoder"]:
         ratio = r["inference_over_decoder"]
-        print(f"decoder + propagation / decoder alone, per click: {ratio['p50']:.2f}x at p50 "
-              f"(p10 {ratio['p10']:.2f}x, p90 {ratio['p90']:.2f}x; walker grid "
-              f"{r['propagation_settings']['working_side']} px)")
+        what = "propagation" if r["propagation"] else "edge snap"
+        grid = (r["propagation_settings"] or r["edge_snap_settings"])["working_side"]
+        print(f"decoder + {what} / decoder alone, per click: {ratio['p50']:.2f}x at p50 "
+              f"(p10 {ratio['p10']:.2f}x, p90 {ratio['p90']:.2f}x; walker grid {grid} px)")
     verdict = "met" if r["target_met"] else "NOT met"
     print(f"gRPC adds {r['grpc_added_p50_ms']:.2f} ms per click at p50 "
           f"({100 * (r['grpc_added_p50_fraction'] or 0):.1f} % of the inference); "

@@ -54,6 +54,11 @@ class Bundle:
                               int(self.manifest.get("mask_dilation", 0)))
 
     @property
+    def edge_snap(self) -> bool:
+        """Whether these weights' masks are edge-snapped by default (histosam.backend.edge_snap)."""
+        return bool(self.manifest.get("edge_snap", False))
+
+    @property
     def model_sha256(self) -> str:
         """One hash for the whole bundle: the digest of its files' digests."""
         files = self.manifest["files"]

@@ -32,6 +32,13 @@ SHIPPED: dict[str, tuple[str, str]] = {
 SHIPPED_MASK_DILATION: dict[str, int] = {
     "lite_medsam_histo": 1,
 }
+# Edge snapping (histosam.backend.edge_snap) measured for a shipped file: its masks' edges are
+# snapped onto the image's colour edges unless a server or evaluation turns it off. Like the
+# mask calibration it belongs to those weights: other decoder weights, and every base model
+# (`--model lite_medsam` stays the unmodified zero-shot model), get none.
+SHIPPED_EDGE_SNAP: dict[str, bool] = {
+    "lite_medsam_histo": True,
+}
 # What `histosam serve` and `histosam export` use when no model is named.
 DEFAULT_MODEL = "lite_medsam_histo"
 
@@ -86,11 +93,13 @@ def resolve_source(name: str, checkpoint: str | os.PathLike | None = None,
             raise CheckpointError(f"shipped weights for {name} are missing: {path}")
         return {"name": name, "model": base, "checkpoint": str(checkpoint) if checkpoint else None,
                 "decoder_weights": str(decoder_weights or path),
-                "mask_dilation": 0 if decoder_weights else SHIPPED_MASK_DILATION.get(name, 0)}
+                "mask_dilation": 0 if decoder_weights else SHIPPED_MASK_DILATION.get(name, 0),
+                "edge_snap": False if decoder_weights else SHIPPED_EDGE_SNAP.get(name, False)}
     if name not in BASE_MODELS:
         raise NotFoundError(f"unknown model {name!r}; known: {', '.join(known_models())}")
     return {"name": name, "model": name, "checkpoint": str(checkpoint) if checkpoint else None,
-            "decoder_weights": str(decoder_weights) if decoder_weights else None, "mask_dilation": 0}
+            "decoder_weights": str(decoder_weights) if decoder_weights else None, "mask_dilation": 0,
+            "edge_snap": False}
 
 
 def weights_sha256(model: str, checkpoint: str | os.PathLike | None) -> str | None:
@@ -109,6 +118,8 @@ def bundle_key(source: dict[str, Any]) -> str:
         parts.append(sha256_file(Path(source["decoder_weights"])))
     if source.get("mask_dilation"):
         parts.append(f"mask_dilation={int(source['mask_dilation'])}")
+    if source.get("edge_snap"):
+        parts.append("edge_snap")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 

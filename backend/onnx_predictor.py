@@ -96,6 +96,7 @@ class OnnxPredictor:
         self.bundle = bundle
         self.name = bundle.name
         self.transform = bundle.transform
+        self.edge_snap = bundle.edge_snap  # applied where served and by the evaluator, not here
         self.encoder = OnnxEncoder(bundle, providers, threads)
         self.decoder = OnnxDecoder(bundle, providers, threads)
         self.providers = self.encoder.session.get_providers()

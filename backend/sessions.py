@@ -88,6 +88,9 @@ class Embedding:
     # from, kept always so that a click can ask for propagation on a server where it is off.
     graph: Any = None
     working_image: np.ndarray | None = None
+    # Edge snapping (histosam.backend.edge_snap): the image's CIELAB working copy, kept when the
+    # server snaps mask edges (<= 0.44 MB at 384 px).
+    snap_lab: np.ndarray | None = None
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -97,7 +100,8 @@ class Embedding:
     def nbytes(self) -> int:
         graph_bytes = 0 if self.graph is None else int(self.graph.nbytes)
         small_bytes = 0 if self.working_image is None else int(self.working_image.nbytes)
-        return int(sum(a.nbytes for a in self.features.values())) + graph_bytes + small_bytes
+        snap_bytes = 0 if self.snap_lab is None else int(self.snap_lab.nbytes)
+        return int(sum(a.nbytes for a in self.features.values())) + graph_bytes + small_bytes + snap_bytes
 
 
 class EmbeddingCache:

@@ -157,6 +157,8 @@ def export_bundle(
             "embedding_shape": list(spec.embedding_shape),
             # Mask calibration of these weights (ImageTransform.mask_dilation; 0 for none).
             "mask_dilation": int(source.get("mask_dilation") or 0),
+            # Whether servers snap these weights' mask edges by default (histosam.backend.edge_snap).
+            "edge_snap": bool(source.get("edge_snap")),
             "extra_features": list(spec.extra_features),
             "opset": opset,
             "quantize": quantize,

@@ -229,7 +229,7 @@ def test_cli_serve_config_flags_and_sigterm(tiny_bundle, tmp_path):
             if not line:
                 break
             lines.append(line)
-            if "click propagation" in line:  # the last start-up line
+            if "edge snapping" in line:  # the last start-up line
                 break
         text = "".join(lines)
         assert "listening on 127.0.0.1:" in text and "CPUExecutionProvider" in text, (text, proc.stderr.read())
@@ -244,6 +244,7 @@ def test_cli_serve_config_flags_and_sigterm(tiny_bundle, tmp_path):
         assert proc.returncode == 0, err
         assert "stopped" in out
         assert "click propagation auto by default" in text
+        assert "edge snapping off" in text  # the tiny bundle does not ask for it (the shipped default does)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -257,3 +258,4 @@ def test_cli_serve_refuses_bad_settings_with_one_line(tmp_path, capsys):
     config.write_text("prot: 5\n")
     code, _, err = run_cli(capsys, "serve", "--config", str(config))
     assert code == InvalidInputError.exit_code and "unknown server setting" in err
+

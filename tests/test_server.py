@@ -804,3 +804,59 @@ def test_a_bundles_mask_calibration_shapes_the_served_mask_not_the_history(tiny_
     transform = ModelStore.load([calibrated], threads=1).default.transform
     assert np.array_equal(masks["calibrated"], transform.mask_from_logits(lows["calibrated"], (H, W)))
     assert masks["calibrated"][masks["plain"]].all() and masks["calibrated"].sum() > masks["plain"].sum()
+
+
+def test_edge_snapping_follows_the_bundle_unless_the_server_says_on_or_off(models, server, image_png, tiny_bundle,
+                                                                           tmp_path):
+    """The served mask is the model's mask with its edge snapped when the model's bundle asks for it
+    (``edge_snap: true`` in its manifest, as the shipped default's does) or the server says on;
+    propagated masks are never snapped; the tiny bundle asks for nothing, so the module's server
+    (``edge_snap`` = model) serves its raw masks."""
+    import json
+    import shutil
+
+    from histosam.backend.edge_snap import EdgeSnapSettings, snap_mask, working_lab
+
+    img = synthetic_image()
+    points = np.array([[100.0, 100.0], [250.0, 120.0]])
+    labels = np.array([1, 0])
+    model = models.default
+    assert not model.bundle.edge_snap
+    features = model.encoder(img)
+    first, _ = model.decoder(features, (H, W), points[:1], labels[:1], None, None)
+    second, _ = model.decoder(features, (H, W), points, labels, None, first)
+    own = model.transform.mask_from_logits(second, (H, W))
+    snapped = snap_mask(working_lab(img, EdgeSnapSettings()), own, points, labels, EdgeSnapSettings())
+    assert not np.array_equal(own, snapped)  # there is an edge to move
+    propagated = ImageGraph.from_image(img, PropagationSettings.load()).refine(second, model.transform, points, labels)
+    asking = tmp_path / "asking"
+    shutil.copytree(tiny_bundle, asking)
+    manifest = json.loads((asking / "manifest.json").read_text())
+    manifest["edge_snap"] = True
+    (asking / "manifest.json").write_text(json.dumps(manifest))
+    asking_models = ModelStore.load([asking], threads=1)
+    assert asking_models.default.bundle.edge_snap
+    servers = [(SegmentationServer(ServerSettings(port=0, threads=2, ort_threads=1, edge_snap=True), models=models),
+                snapped),
+               (SegmentationServer(ServerSettings(port=0, threads=2, ort_threads=1), models=asking_models), snapped),
+               (SegmentationServer(ServerSettings(port=0, threads=2, ort_threads=1, edge_snap="off"),
+                                   models=asking_models), own)]
+    for srv, _ in servers:
+        srv.start()
+    try:
+        for srv, want in [*servers, (server, own)]:
+            with grpc.insecure_channel(srv.address) as channel:
+                stub = pb_grpc.SegmentationStub(channel)
+                sid = open_image(stub, image_png).session_id
+                for choice, expected in ((pb.PROPAGATION_SERVER_DEFAULT, want), (pb.PROPAGATION_ON, propagated)):
+                    reply = stub.Click(pb.ClickRequest(session_id=sid, points=pts((100.0, 100.0, True), (250.0, 120.0, False)),
+                                                       want_mask_png=True, min_area=0, propagation=choice), timeout=30)
+                    assert iou(decode_png_mask(reply.mask_png), expected) > 0.999
+        for srv, want in servers:  # the working copy is kept only where it is used, and counted in the budget
+            (embedding,) = srv.servicer.cache._entries.values()
+            assert (embedding.snap_lab is not None) == (want is snapped)
+            assert embedding.nbytes == (sum(a.nbytes for a in embedding.features.values()) + embedding.working_image.nbytes
+                                        + (0 if embedding.snap_lab is None else embedding.snap_lab.nbytes))
+    finally:
+        for srv, _ in servers:
+            srv.stop(0)

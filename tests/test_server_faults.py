@@ -355,3 +355,22 @@ def test_the_serve_bench_measures_propagation_as_a_paired_ratio(tiny_bundle, tmp
     ratio = result["inference_over_decoder"]
     assert ratio["p10"] <= ratio["p50"] <= ratio["p90"] and ratio["p50"] > 1.0  # the walker costs something
     assert result["inference_bare"]["p50_ms"] > result["decoder_bare"]["p50_ms"]
+
+
+def test_the_serve_bench_measures_edge_snapping_as_a_paired_ratio(tiny_bundle, tmp_path):
+    """`histosam bench serve --edge-snap --edge-snap-config F`: snapping runs with the file's
+    settings and counts as inference, its cost a per-click ratio to the decoder."""
+    import json
+
+    from histosam.backend.cli import main
+
+    config = tmp_path / "snap.yaml"
+    config.write_text("band: 2\nworking_side: 128\n")
+    out = tmp_path / "serve.json"
+    rc = main(["bench", "serve", "--bundle", str(tiny_bundle), "--cpu", "--ort-threads", "1", "--sequences", "2",
+               "--points", "3", "--opens", "1", "--edge-snap", "on", "--edge-snap-config", str(config), "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert rc == 0 and result["clicks"] == 6 and result["edge_snap"] and not result["propagation"]
+    assert result["edge_snap_settings"]["band"] == 2 and result["edge_snap_settings"]["working_side"] == 128
+    ratio = result["inference_over_decoder"]
+    assert ratio["p10"] <= ratio["p50"] <= ratio["p90"] and ratio["p50"] > 1.0

@@ -25,6 +25,12 @@ def test_default_model_is_a_shipped_fine_tune_with_its_weights():
     # The mask calibration belongs to the shipped file: other decoder weights get none.
     assert source["mask_dilation"] == 1 and registry.resolve_source("lite_medsam")["mask_dilation"] == 0
     assert registry.resolve_source("default", decoder_weights=str(path))["mask_dilation"] == 0
+    # So does edge snapping (histosam.backend.edge_snap): measured for this file, on where it is served.
+    assert source["edge_snap"] is True and registry.resolve_source("lite_medsam")["edge_snap"] is False
+    assert registry.resolve_source("default", decoder_weights=str(path))["edge_snap"] is False
+    from histosam.backend.catalog import bundle_key
+
+    assert bundle_key(source) != bundle_key({**source, "edge_snap": False})  # a new export, not a stale one
 
 
 def test_model_card_names_the_weights_sha256():
@@ -52,4 +58,6 @@ def test_evaluate_loads_the_default_and_shipped_names_on_the_torch_side():
         assert pred.name == registry.DEFAULT_MODEL
         assert pred.model.click_disk_radius > 0  # the shipped weights' settings, not the base model
         assert pred.transform.mask_dilation == 1  # and its measured mask calibration
-    assert TorchPredictor.from_spec("lite_medsam").transform.mask_dilation == 0
+        assert pred.edge_snap  # and edge snapping, applied by the evaluator as by the server
+    zero_shot = TorchPredictor.from_spec("lite_medsam")
+    assert zero_shot.transform.mask_dilation == 0 and not zero_shot.edge_snap

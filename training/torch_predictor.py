@@ -30,6 +30,9 @@ class TorchPredictor:
         self._features: dict[str, torch.Tensor] | None = None
         self._hw: tuple[int, int] | None = None
         self.last_encode_seconds = 0.0
+        # Whether these weights' masks are edge-snapped where they are served (histosam.backend.edge_snap);
+        # the evaluator applies it, as it does for the ONNX bundle.
+        self.edge_snap = False
 
     @classmethod
     def from_spec(cls, model_or_bundle: str, checkpoint: str | None = None,
@@ -42,12 +45,16 @@ class TorchPredictor:
             manifest = json.loads((path / "manifest.json").read_text())
             source = manifest["source"]
             model = load_model_from_source(source)
-            return cls(model, name=source["model"], mask_dilation=int(manifest.get("mask_dilation", 0)))
+            predictor = cls(model, name=source["model"], mask_dilation=int(manifest.get("mask_dilation", 0)))
+            predictor.edge_snap = bool(manifest.get("edge_snap", False))
+            return predictor
         from histosam.backend.catalog import resolve_source
 
         # Base models, shipped fine-tunes and "default" resolve the same way as for export/serve.
         source = resolve_source(model_or_bundle, checkpoint, decoder_weights)
-        return cls(load_model_from_source(source), name=source["name"], mask_dilation=source.get("mask_dilation", 0))
+        predictor = cls(load_model_from_source(source), name=source["name"], mask_dilation=source.get("mask_dilation", 0))
+        predictor.edge_snap = bool(source.get("edge_snap", False))
+        return predictor
 
     @torch.inference_mode()
     def set_image(self, image: np.ndarray) -> None:

@@ -55,6 +55,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--propagation-config", type=Path, metavar="F",
                    help="YAML of click-propagation settings (default: the shipped propagation.yaml)")
+    p.add_argument(
+        "--edge-snap", choices=("model", "on", "off", "both"), default="model",
+        help="learned models: mask edges snapped onto the image's colour edges where the model's bundle asks for "
+        "it (model, the default, as `histosam serve`: the shipped default model), always (on), never (off), or "
+        "one run each without and with (both)",
+    )
+    p.add_argument("--edge-snap-config", type=Path, metavar="F",
+                   help="YAML of edge-snap settings (default: the shipped edge_snap.yaml)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -119,6 +127,7 @@ def _needs_torch(model: str, exc: ImportError):
 
 def run(args: argparse.Namespace) -> int:
     from histosam.backend.baselines import BASELINES
+    from histosam.backend.edge_snap import EdgeSnappingPredictor, EdgeSnapSettings
     from histosam.backend.errors import InvalidInputError
     from histosam.backend.evaluation import (
         EvalConfig,
@@ -156,8 +165,23 @@ def run(args: argparse.Namespace) -> int:
     variants = [PROPAGATION_SUFFIX[m] for m in modes]
     mode_of = {v: m for m, v in PROPAGATION_SUFFIX.items()}
 
-    def variant(predictor, suffix: str):
+    snap_settings = EdgeSnapSettings.load(args.edge_snap_config) if args.edge_snap != "off" else None
+
+    def combos(predictor) -> list[tuple[bool, str]]:
+        """(edge snapped?, propagation suffix) per run of a learned predictor."""
+        snaps = {"model": [bool(getattr(predictor, "edge_snap", False))], "on": [True], "off": [False],
+                 "both": [False, True]}[args.edge_snap]
+        return [(snap, suffix) for snap in snaps for suffix in variants]
+
+    # Snapping wraps the model and propagation wraps that, as the server does it: propagated
+    # masks come from the logits (never snapped), the model's own masks are snapped.
+    def variant(predictor, snap: bool, suffix: str):
+        if snap:
+            predictor = EdgeSnappingPredictor(predictor, snap_settings)
         return with_propagation(predictor, settings, mode_of[suffix]) if suffix else predictor
+
+    def run_key(label: str, backend: str, snap: bool, suffix: str) -> str:
+        return f"{label}/{backend}{'+edge-snap' if snap else ''}{suffix}"
 
     for backend in backends:
         if backend in BASELINES:
@@ -165,19 +189,20 @@ def run(args: argparse.Namespace) -> int:
         elif backend == "both":
             label = model_label(args.model)
             torch_pred, onnx_pred = load_torch(args.model), load_onnx(args.model)
-            for suffix in variants:
-                kt, ko = f"{label}/torch{suffix}", f"{label}/onnx{suffix}"
-                res_t, res_o, diffs = evaluate_pair(variant(torch_pred, suffix), variant(onnx_pred, suffix),
-                                                    samples, config, f"{label} torch+onnx{suffix}", progress)
+            for snap, suffix in combos(onnx_pred):
+                kt, ko = run_key(label, "torch", snap, suffix), run_key(label, "onnx", snap, suffix)
+                tag = ("+edge-snap" if snap else "") + suffix
+                res_t, res_o, diffs = evaluate_pair(variant(torch_pred, snap, suffix), variant(onnx_pred, snap, suffix),
+                                                    samples, config, f"{label} torch+onnx{tag}", progress)
                 add_run(kt, res_t)
                 add_run(ko, res_o)
-                parity[label + suffix] = parity_summary(res_t, res_o, diffs, config, kt, ko)
+                parity[label + tag] = parity_summary(res_t, res_o, diffs, config, kt, ko)
         else:
             label = model_label(args.model)
             predictor = load_torch(args.model) if backend == "torch" else load_onnx(args.model)
-            for suffix in variants:
-                key = f"{label}/{backend}{suffix}"
-                add_run(key, evaluate_predictor(variant(predictor, suffix), samples, config, key, progress))
+            for snap, suffix in combos(predictor):
+                key = run_key(label, backend, snap, suffix)
+                add_run(key, evaluate_predictor(variant(predictor, snap, suffix), samples, config, key, progress))
 
     results = {
         "config": {
@@ -192,6 +217,8 @@ def run(args: argparse.Namespace) -> int:
             "limit": args.limit,
             "propagation": modes,
             "propagation_settings": dataclasses.asdict(settings) if settings is not None else None,
+            "edge_snap": args.edge_snap,
+            "edge_snap_settings": dataclasses.asdict(snap_settings) if snap_settings is not None else None,
         },
         "n": len(samples),
         "n_kept": selection.n_kept,

@@ -64,6 +64,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(auto). A bare --propagation means on; a client may choose per click either way")
     p.add_argument("--propagation-config", type=Path, default=S, metavar="F",
                    help="YAML of click-propagation settings (default: the shipped propagation.yaml)")
+    p.add_argument("--edge-snap", nargs="?", const="on", choices=("model", "on", "off"), default=S,
+                   help="snap mask edges onto the image's colour edges: for the models whose bundle asks for it "
+                   "(model, the default: the shipped default model), for every model (on; a bare --edge-snap), or "
+                   "never (off: the model's raw masks, ~2.5x faster per click on a CPU)")
+    p.add_argument("--edge-snap-config", type=Path, default=S, metavar="F",
+                   help="YAML of edge-snap settings (default: the shipped edge_snap.yaml)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=run)
 
@@ -72,6 +78,7 @@ SETTING_FLAGS = (
     "host", "port", "models", "default_model", "slide_root", "token_file", "tls_cert", "tls_key", "threads",
     "max_concurrent_rpcs", "max_concurrent_encodes", "ort_threads", "prefer_gpu", "cache_bytes", "session_idle_seconds", "max_sessions", "max_pixels",
     "max_message_bytes", "max_points", "grace_seconds", "propagation", "propagation_config",
+    "edge_snap", "edge_snap_config",
 )
 
 
@@ -95,7 +102,8 @@ def load_config(path: Path) -> dict[str, Any]:
     for key, value in data.items():
         key = str(key).replace("-", "_")
         # Relative paths in a config file are relative to the file, not to the working directory.
-        if key in ("models", "models_dir", "token_file", "tls_cert", "tls_key", "propagation_config") and value is not None:
+        if key in ("models", "models_dir", "token_file", "tls_cert", "tls_key", "propagation_config",
+                   "edge_snap_config") and value is not None:
             value = base / Path(str(value)).expanduser()
         elif key in ("slide_root", "slide_roots") and value is not None:
             values = [value] if isinstance(value, str) else list(value)
@@ -167,6 +175,11 @@ def _serve(settings) -> int:
         print(f"histosam serve: click propagation {settings.propagation} by default, clients may choose per click "
               f"(gamma {spread.gamma:g}, beta {spread.beta:g}, {spread.working_side} px walker grid, "
               f"auto below confidence {spread.auto_confidence:g})", flush=True)
+        snap = server.servicer.edge_snap
+        snapped = [m for m in server.models.names if server.servicer.snaps_edges(server.models.get(m))]
+        print(f"histosam serve: edge snapping for {', '.join(snapped)} (band {snap.band:g} low-res px, beta "
+              f"{snap.beta:g}, smoothing {snap.smoothing:g}, {snap.working_side} px working copy; --edge-snap off "
+              "turns it off)" if snapped else "histosam serve: edge snapping off", flush=True)
         if not _is_loopback(settings.host) and not (settings.tls_cert and server.servicer.token_required):
             print("histosam serve: warning: listening beyond this machine without TLS and a token",
                   file=sys.stderr, flush=True)
