@@ -308,7 +308,9 @@ class SessionStore:
 
     def create(self, model: Any, embedding: Embedding, frame: Frame, cache_key: str = "") -> Session:
         now = self._clock()
-        session = Session(secrets.token_urlsafe(16), model, weakref.ref(embedding), frame, now,
+        # Hex, not urlsafe base64: an id starting with "-" (1 in 64 of those) reads as an option
+        # on a command line (`histosam client click --session -x...` failed that way in a test run).
+        session = Session(secrets.token_hex(16), model, weakref.ref(embedding), frame, now,
                           embedding.width, embedding.height, cache_key)
         with self._lock:
             self._expire(now)

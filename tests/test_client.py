@@ -259,3 +259,16 @@ def test_cli_serve_refuses_bad_settings_with_one_line(tmp_path, capsys):
     code, _, err = run_cli(capsys, "serve", "--config", str(config))
     assert code == InvalidInputError.exit_code and "unknown server setting" in err
 
+
+def test_session_ids_never_read_as_command_line_options():
+    """Ids are pasted into `histosam client click --session ID`: one starting with '-' would be
+    taken for an option (urlsafe base64 ids did that 1 time in 64)."""
+    import numpy as np
+
+    from histosam.backend.sessions import Embedding, Frame, SessionStore
+
+    store = SessionStore(idle_seconds=60, max_sessions=4096)
+    embedding = Embedding({"x": np.zeros(1, np.float32)}, 4, 4)
+    ids = [store.create(None, embedding, Frame()).session_id for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and i[0] != "-" and all(c in "0123456789abcdef" for c in i) for i in ids)
