@@ -53,8 +53,9 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import splu
 
-from histosam.backend.errors import InvalidInputError, NotFoundError
+from histosam.backend.errors import InvalidInputError
 from histosam.backend.predictor import Prediction, Predictor
+from histosam.backend.settings_file import load_settings, settings_from_mapping
 from histosam.backend.transforms import LOW_RES, ImageTransform, validate_rgb
 
 DEFAULT_CONFIG = Path(__file__).with_name("propagation.yaml")
@@ -86,33 +87,12 @@ class PropagationSettings:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> PropagationSettings:
-        known = {f.name: f.type for f in fields(cls)}
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise InvalidInputError(f"unknown propagation setting(s) {unknown}; known: {sorted(known)}")
-        values: dict[str, Any] = {}
-        for key, value in data.items():
-            try:
-                values[key] = int(value) if key == "working_side" else float(value)
-            except (TypeError, ValueError):
-                raise InvalidInputError(f"propagation setting {key} must be a number, got {value!r}") from None
-        return cls(**values)
+        return settings_from_mapping(cls, data, "propagation", int_fields=("working_side",))
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> PropagationSettings:
         """Settings from a YAML mapping (``None``: the shipped defaults)."""
-        import yaml
-
-        path = Path(path) if path is not None else DEFAULT_CONFIG
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise NotFoundError(f"cannot read propagation config {path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise InvalidInputError(f"propagation config {path} is not valid YAML: {exc}") from None
-        if not isinstance(data, Mapping):
-            raise InvalidInputError(f"propagation config {path} must be a mapping of settings")
-        return cls.from_mapping(data)
+        return load_settings(cls, path if path is not None else DEFAULT_CONFIG, "propagation", int_fields=("working_side",))
 
 
 def _probability(logits: np.ndarray, temperature: float) -> np.ndarray:

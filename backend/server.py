@@ -564,7 +564,7 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
             mask = graph.refine(result.low_res, model.transform, prompt.points, prompt.labels)
         else:
             mask = model.transform.mask_from_logits(result.low_res, hw)
-            if embedding.snap_lab is not None and self.snaps_edges(model):
+            if embedding.snap_lab is not None:  # kept only where this server snaps this model's edges
                 mask = snap_mask(embedding.snap_lab, mask, prompt.points, prompt.labels, self.edge_snap)
         frame = session.frame
         polygons = mask_to_polygons(mask, origin=frame.origin, downsample=frame.downsample,

@@ -1,0 +1,48 @@
+"""Numeric settings dataclasses read from small YAML files (click propagation, edge snapping).
+
+Why one place: both post-processing steps take a handful of numbers from a file a user may
+edit, and both must turn every mistake in it (unknown key, non-number, not a mapping, bad YAML,
+missing file) into one clear line naming the file's kind, never a traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from histosam.backend.errors import InvalidInputError, NotFoundError
+
+T = TypeVar("T")
+
+
+def settings_from_mapping(cls: type[T], data: Mapping[str, Any], what: str, int_fields: tuple[str, ...] = ()) -> T:
+    """``cls(**data)`` with every value a number (ints for ``int_fields``); ``what`` names them in errors."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InvalidInputError(f"unknown {what} setting(s) {unknown}; known: {sorted(known)}")
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        try:
+            values[key] = int(value) if key in int_fields else float(value)
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"{what} setting {key} must be a number, got {value!r}") from None
+    return cls(**values)
+
+
+def load_settings(cls: type[T], path: str | Path, what: str, int_fields: tuple[str, ...] = ()) -> T:
+    """Settings from the YAML mapping in ``path``."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise NotFoundError(f"cannot read {what} config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise InvalidInputError(f"{what} config {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, Mapping):
+        raise InvalidInputError(f"{what} config {path} must be a mapping of settings")
+    return settings_from_mapping(cls, data, what, int_fields)
