@@ -140,9 +140,16 @@ def test_augmentation_is_deterministic_and_keeps_image_and_mask_aligned():
 def test_shipped_configs_load():
     names = {p.stem for p in CONFIGS.glob("*.yaml")}
     assert {"md", "ie_md", "whole", "refine", "refine_lite", "refine_hq"} <= names
-    for name in names:
+    recipes = {"own_tissue"}  # data folders come from `histosam train --train-data`
+    assert recipes <= names
+    for name in names - recipes:
         cfg = load_config(CONFIGS / f"{name}.yaml")
         assert cfg.name == name
+    for name in recipes:
+        with pytest.raises(InvalidInputError, match="--train-data"):
+            load_config(CONFIGS / f"{name}.yaml")
+        cfg = load_config(CONFIGS / f"{name}.yaml", validate=False)
+        assert cfg.name == name and cfg.init_weights  # grows on the shipped default
 
 
 def test_bad_configs_are_clear_errors(tmp_path):
@@ -215,3 +222,27 @@ def test_init_weights_starts_training_from_a_fine_tune(tmp_path, tiny_model):
     with pytest.raises(NotFoundError):
         build_training_model(tiny_config(data, init_weights=str(tmp_path / "missing.safetensors")),
                              copy.deepcopy(tiny_model))
+
+
+def test_best_checkpoint_rule_breaks_noc_ties_by_the_last_miou():
+    from types import SimpleNamespace
+
+    from histosam.training.trainer import Trainer
+
+    first = SimpleNamespace(best=None, best_miou=None)
+    assert Trainer._improves(first, 8.0, 0.3)
+    held = SimpleNamespace(best=8.0, best_miou=0.40)  # every sample at the click limit
+    assert Trainer._improves(held, 8.0, 0.45)  # same NoC, better masks at the last click
+    assert not Trainer._improves(held, 8.0, 0.40) and not Trainer._improves(held, 8.0, 0.35)
+    assert Trainer._improves(held, 7.5, 0.10)  # fewer clicks wins whatever the mIoU
+    assert not Trainer._improves(held, 8.5, 0.99)
+    assert not Trainer._improves(held, 8.0, None)
+
+
+def test_validation_rows_keep_the_miou_at_the_last_validated_click():
+    from histosam.training.trainer import summarise_eval
+
+    agg = {"noc": {"85": 8.0, "90": 8.0}, "miou_per_click": {"1": 0.2, "5": 0.3, "8": 0.45},
+           "obedience": {"positive": 1.0, "negative": 0.5}, "refinement": {"error_closed": None}}
+    row = summarise_eval(agg)
+    assert row["miou_last"] == 0.45 and row["miou10"] is None

@@ -98,7 +98,7 @@ class TrainConfig:
         if self.click_loss_weight < 0 or self.click_loss_radius < 0:
             raise InvalidInputError("click_loss_weight and click_loss_radius must be >= 0")
         if not self.train_data:
-            raise InvalidInputError("train_data is empty")
+            raise InvalidInputError("train_data is empty: name the patch folders in the config or with --train-data")
         if not (self.train_decoder or self.train_prompt_encoder or self.train_image_encoder):
             raise InvalidInputError("nothing to train: set train_decoder/train_prompt_encoder/train_image_encoder")
 
@@ -136,7 +136,7 @@ def resolve_repo_path(path: str) -> Path:
     raise NotFoundError(f"file {path} not found (relative to {Path.cwd()} or {REPO_ROOT})")
 
 
-def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
+def config_from_dict(raw: dict[str, Any], validate: bool = True) -> TrainConfig:
     known = {f.name: f for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(raw) - set(known))
     if unknown:
@@ -146,11 +146,14 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
         if values.get(key) is not None:
             values[key] = tuple(values[key])
     cfg = TrainConfig(**values)
-    cfg.validate()
+    if validate:
+        cfg.validate()
     return cfg
 
 
-def load_config(path: str | Path) -> TrainConfig:
+def load_config(path: str | Path, validate: bool = True) -> TrainConfig:
+    """The config in ``path``; ``validate=False`` leaves the check to the caller, for recipes
+    whose data folders come from the command line (``own_tissue.yaml``)."""
     import yaml
 
     path = Path(path)
@@ -163,4 +166,4 @@ def load_config(path: str | Path) -> TrainConfig:
     if not isinstance(raw, dict):
         raise InvalidInputError(f"config {path} must be a mapping of keys to values")
     raw.setdefault("name", path.stem)
-    return config_from_dict(raw)
+    return config_from_dict(raw, validate=validate)

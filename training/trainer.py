@@ -5,7 +5,9 @@ without gradients, each clicking on the error of the previous prediction with th
 low-res logits as the mask prompt, then one forward with gradients on which the loss is taken
 (``loss_every_round`` takes it on every round instead). Validation runs the evaluator's own
 loop (``histosam.backend.evaluation``: the RITM clicks of ``histosam evaluate``) so the NoC
-selecting the best checkpoint is the number users will measure.
+selecting the best checkpoint is the number users will measure. Ties (on hard tissue every
+sample can sit at the click limit, NoC = max) go to the higher mIoU at the last validated
+click, so ``best`` is not simply the first epoch validated.
 
 Runs alone or under ``torchrun`` (PyTorch DDP, DistributedSampler; gloo on CPU, nccl on GPU).
 Only rank 0 validates and writes; checkpoints are atomic and ``resume`` continues from the
@@ -179,6 +181,7 @@ def summarise_eval(agg: dict[str, Any]) -> dict[str, float | None]:
     return {
         "noc85": agg["noc"]["85"], "noc90": agg["noc"]["90"],
         "miou1": m.get("1"), "miou5": m.get("5"), "miou10": m.get("10"),
+        "miou_last": m[max(m, key=int)] if m else None,  # the checkpoint tie-break
         "obey_pos": agg["obedience"]["positive"], "obey_neg": agg["obedience"]["negative"],
         # Refinement that does not punish a good first click (None when validation stops before 10 clicks).
         "error_closed": agg["refinement"]["error_closed"],
@@ -243,7 +246,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=list(cfg.lr_milestones), gamma=cfg.lr_gamma)
         self.start_epoch = 0
-        self.best: float | None = None
+        self.best: float | None = None  # validation NoC@85 of best.safetensors
+        self.best_miou: float | None = None  # its mIoU at the last validated click (tie-break)
         self.history: list[dict[str, Any]] = []
         self.rng = np.random.default_rng([cfg.seed, self.rank])
         if self.rank == 0:
@@ -271,12 +275,13 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.start_epoch = int(state["epoch"]) + 1
         self.best = state.get("best")
+        self.best_miou = state.get("best_miou")
         self.history = list(state.get("history", []))
 
     def _save_checkpoint(self, epoch: int) -> None:
         state = {
             "epoch": epoch, "model": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "best": self.best,
+            "scheduler": self.scheduler.state_dict(), "best": self.best, "best_miou": self.best_miou,
             # Plain JSON values (numpy scalars -> float), so resume loads with weights_only=True.
             "history": json.loads(json.dumps(self.history, default=float)),
             "config": self.cfg.to_dict(),
@@ -466,11 +471,13 @@ class Trainer:
         if key not in row and self.cfg.select_on not in self.val_sets:
             key = next((k for k in row if k.endswith("_noc85")), key)
         score = row.get(key)
+        miou = row.get(key.removesuffix("noc85") + "miou_last")
         meta = self._metadata(epoch + 1, row)
         save_decoder_weights(self.model, self.out / LAST, include_encoder=self.cfg.train_image_encoder,
                              extra_metadata=meta)
-        if score is not None and (self.best is None or score < self.best):
+        if score is not None and self._improves(float(score), miou):
             self.best = float(score)
+            self.best_miou = None if miou is None else float(miou)
             row["best"] = True
             save_decoder_weights(self.model, self.out / BEST, include_encoder=self.cfg.train_image_encoder,
                                  extra_metadata=meta)
@@ -479,6 +486,12 @@ class Trainer:
                                  extra_metadata=meta)
         self._save_checkpoint(epoch)
         self._write_metrics()
+
+    def _improves(self, noc85: float, miou: float | None) -> bool:
+        """Fewer clicks wins; at equal NoC@85, a higher mIoU at the last validated click."""
+        if self.best is None or noc85 < self.best:
+            return True
+        return noc85 == self.best and miou is not None and (self.best_miou is None or miou > self.best_miou)
 
     def _write_metrics(self) -> None:
         keys: list[str] = []
@@ -512,7 +525,8 @@ class Trainer:
                 axes[1].plot(*zip(*pts, strict=True), "o-", label=key)
         axes[1].set_title("validation NoC@85 (lower is better)")
         axes[1].set_xlabel("epoch")
-        axes[1].legend(fontsize=7)
+        if axes[1].get_legend_handles_labels()[1]:  # no validation yet (val_every > epochs so far)
+            axes[1].legend(fontsize=7)
         fig.tight_layout()
         tmp = self.out / ".metrics.tmp.png"
         fig.savefig(tmp, dpi=90)
