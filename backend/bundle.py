@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from histosam.backend.catalog import sha256_file
 from histosam.backend.errors import BundleError
+from histosam.backend.report import mkstemp_umask
 from histosam.backend.transforms import ImageTransform
 
 MANIFEST = "manifest.json"
@@ -31,7 +31,7 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp")
     }
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    fd, tmp = mkstemp_umask(folder, suffix=".tmp")  # mode as open() gives, not 0o600
     with os.fdopen(fd, "w") as handle:
         json.dump(manifest, handle, indent=2, sort_keys=False)
         handle.write("\n")

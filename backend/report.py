@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,14 +24,56 @@ _A, _B = REFINEMENT_SPAN
 ERROR_CLOSED_HEADER = f"error closed @{_A}->{_B}"
 
 
+# Temporary files and folders for atomic writes (write beside the target, then os.replace).
+# tempfile.mkstemp/mkdtemp create them 0o600/0o700, and os.replace keeps that mode, so every
+# output would be readable by its owner only (a service account could not serve a bundle).
+# These create them with the mode a plain open()/mkdir() gives: 0o666/0o777 passed to the
+# kernel, which applies the umask (and a folder's default ACL) itself. Reading the umask
+# instead (os.umask(0); os.umask(m)) would be a race: it is process-wide, so another thread
+# (server workers, data loaders) creating a file in that window would get umask 0; and a value
+# cached at import would miss a later umask change. Used by backend, export and training alike
+# (this module imports no torch, so training/ and export/ may import it).
+_TEMP_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+
+
+def _unique_temp(
+    dir: str | os.PathLike[str], prefix: str, suffix: str, create: Callable[[str], Any]
+) -> tuple[Any, str]:
+    base = os.path.abspath(os.fspath(dir))
+    for _ in range(100):
+        name = os.path.join(base, f"{prefix}{secrets.token_hex(6)}{suffix}")
+        try:
+            return create(name), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no unused temporary name {prefix}*{suffix} in {base}")
+
+
+def mkstemp_umask(dir: str | os.PathLike[str], prefix: str = "tmp", suffix: str = "") -> tuple[int, str]:
+    """``tempfile.mkstemp`` with the mode ``open()`` gives (0o666 & ~umask), not 0o600."""
+    return _unique_temp(dir, prefix, suffix, lambda name: os.open(name, _TEMP_FLAGS, 0o666))
+
+
+def mkdtemp_umask(dir: str | os.PathLike[str], prefix: str = "tmp", suffix: str = "") -> str:
+    """``tempfile.mkdtemp`` with the mode ``mkdir()`` gives (0o777 & ~umask), not 0o700."""
+    return _unique_temp(dir, prefix, suffix, lambda name: os.mkdir(name, 0o777))[1]
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary path beside ``path``, then move it into place."""
+    """Call ``write(tmp)`` on a temporary path beside ``path``, then move it into place.
+
+    The file ends with the mode a plain ``open()`` would give it (see ``mkstemp_umask``), also
+    when ``write`` replaces ``tmp`` rather than writing into it (safetensors' ``save_file``
+    saves through its own 0o600 temporary file and a rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = mkstemp_umask(path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)  # what open() gave: the umask, read race-free
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -50,7 +93,8 @@ def _ms(seconds: float | None) -> str:
 
 
 def _metrics_table(runs: dict[str, dict[str, Any]], max_clicks: int) -> list[str]:
-    miou_cols = [k for k in TABLE_MIOU_CLICKS if k <= max_clicks]
+    # The fixed columns, and always the last click (a 3-click run still shows where it ended).
+    miou_cols = sorted({k for k in TABLE_MIOU_CLICKS if k <= max_clicks} | {max_clicks})
     head = (
         ["Model / backend"]
         + [f"NoC@{threshold_key(t)}" for t in NOC_THRESHOLDS]

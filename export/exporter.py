@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from histosam.backend import __version__
 from histosam.backend.bundle import MANIFEST, write_manifest
 from histosam.backend.errors import HistosamError, ParityError
+from histosam.backend.report import mkdtemp_umask
 from histosam.export.onnx_graphs import DECODER_OUTPUTS, DecoderGraph, EncoderGraph
 from histosam.training.models.loading import load_model_from_source
 from histosam.training.models.registry import file_sha256, source_sha256
@@ -141,7 +141,8 @@ def export_bundle(
     out = Path(out)
     model = model if model is not None else load_model_from_source(source)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    # The folder gets the mode mkdir() gives (not mkdtemp's 0o700): a service account must read it.
+    tmp = Path(mkdtemp_umask(out.parent, prefix=f".{out.name}."))
     try:
         graphs = export_graphs(model, tmp, opset)
         if quantize:

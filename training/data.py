@@ -10,8 +10,6 @@ entry. Writes are atomic (temp file + rename), so parallel ranks may fill the sa
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import torch
 
 from histosam.backend.errors import InvalidInputError
 from histosam.backend.patches import PatchRecord, load_patch_dataset
+from histosam.backend.report import atomic_write
 from histosam.backend.transforms import ImageTransform
 from histosam.training.augment import AugParams, apply_aug, identity, sample_aug
 from histosam.training.config import TrainConfig, resolve_data_path
@@ -147,14 +146,7 @@ def default_cache_root() -> Path:
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    """torch.save into a temp file beside ``path``, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """torch.save into a temp file beside ``path``, then rename: never a half-written file.
+
+    The file gets the mode a plain open() gives (0o666 & ~umask), not mkstemp's 0o600."""
+    atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))

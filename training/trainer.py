@@ -20,7 +20,6 @@ import csv
 import hashlib
 import json
 import os
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -41,6 +40,7 @@ from histosam.backend.evaluation import (
     evaluate_predictor,
     select_samples,
 )
+from histosam.backend.report import mkstemp_umask
 from histosam.training.click_simulation import ClickState, box_of, prompt_batch
 from histosam.training.config import TrainConfig, resolve_data_path, resolve_repo_path
 from histosam.training.data import (
@@ -169,7 +169,7 @@ class CachedTorchPredictor(TorchPredictor):
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    fd, tmp = mkstemp_umask(path.parent, suffix=".tmp")  # mode as open() gives, not 0o600
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
     os.replace(tmp, path)
@@ -497,7 +497,7 @@ class Trainer:
         keys: list[str] = []
         for row in self.history:
             keys += [k for k in row if k not in keys]
-        fd, tmp = tempfile.mkstemp(dir=self.out, suffix=".tmp")
+        fd, tmp = mkstemp_umask(self.out, suffix=".tmp")  # mode as open() gives, not 0o600
         with os.fdopen(fd, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=keys)
             writer.writeheader()

@@ -9,12 +9,11 @@ The image encoder is stored only when it was trained (``ie_md``, ``whole``).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from histosam.backend.errors import CheckpointError
+from histosam.backend.report import atomic_write
 from histosam.training.models.sam_model import HistoSam
 
 PARTS = ("prompt_encoder.", "mask_decoder.")
@@ -27,7 +26,7 @@ def decoder_config(model: HistoSam) -> dict[str, Any]:
 
 def save_decoder_weights(model: HistoSam, path: Path, include_encoder: bool = False,
                          extra_metadata: dict[str, str] | None = None) -> Path:
-    """Write atomically (temp file in the same folder, then rename)."""
+    """Write atomically (temp file in the same folder, then rename; mode as open() gives)."""
     from safetensors.torch import save_file
 
     prefixes = PARTS + (("image_encoder.",) if include_encoder else ())
@@ -41,15 +40,8 @@ def save_decoder_weights(model: HistoSam, path: Path, include_encoder: bool = Fa
     }
     meta.update(extra_metadata or {})
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # Not 0o600 although save_file itself writes through a private temporary file.
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
     return path
 
 
