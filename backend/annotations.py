@@ -13,7 +13,9 @@ Formats (``load_annotations`` picks by content):
   class = ``classification.name`` (``Unclassified`` when absent).
 * Label-mask images (pyramidal TIFF, e.g. PANDA): class = the label value as a string, or a
   name given by a label map (``{3: "tumour", 4: "tumour", 5: "tumour"}``); the label is one
-  channel (default 0, the R of OpenSlide's RGBA).
+  channel (default 0, the R of OpenSlide's RGBA). At least one of the classes asked for must be
+  one the mask holds (a label value present, or a map name with a label present), checked on a
+  coarse level.
 
 Vector coordinates are level-0 pixels. Every format rasterises through the same call,
 ``rasterise(x, y, out_w, out_h, downsample, classes)``, with the frame of ``geometry``:
@@ -43,6 +45,16 @@ EXCLUSION_CLASS_NAMES = frozenset({"_2", "exclusion"})
 # edge, a wrong file is off by far more.
 OUTSIDE_TOLERANCE = 0.05
 VECTOR_SUFFIXES = {".xml", ".json", ".geojson"}
+# Which labels a label mask holds (what its classes are checked against) is read from one
+# pyramid level, not level 0, so a mistyped class fails in well under a second even on a
+# gigapixel mask: the coarsest level with at least PRESENT_LABELS_MIN_PIXELS pixels (level 0
+# when the whole mask is smaller). A label present only in regions smaller than one pixel of
+# that level can be missed, and is then refused as an unknown class: a PANDA mask
+# (~0.5 µm/px, levels 1, 4, 16) is read at 16x, ~8 µm a pixel, far below an annotated tumour
+# region; a smaller minimum would pick levels where small regions vanish. A mask with no such
+# level (one huge level 0) is sampled at most PRESENT_LABELS_MAX_PIXELS pixels, nearest.
+PRESENT_LABELS_MIN_PIXELS = 1_000_000
+PRESENT_LABELS_MAX_PIXELS = 16_000_000
 
 
 class AnnotationSource(Protocol):
@@ -58,7 +70,7 @@ class AnnotationSource(Protocol):
 
     def default_exclusions(self) -> list[str]: ...
 
-    def check_classes(self, classes: Iterable[str]) -> list[str]: ...
+    def check_classes(self, classes: Iterable[str], excluding: bool = False) -> list[str]: ...
 
     def check_within(self, slide_dimensions: tuple[int, int]) -> None: ...
 
@@ -118,7 +130,8 @@ class VectorAnnotations:
         excluded = set(self.default_exclusions())
         return [c for c in self.classes if c not in excluded]
 
-    def check_classes(self, classes: Iterable[str]) -> list[str]:
+    def check_classes(self, classes: Iterable[str], excluding: bool = False) -> list[str]:
+        """Named classes must all exist in the file (a class name is free text: absent = a typo)."""
         wanted = list(dict.fromkeys(str(c) for c in classes))
         unknown = [c for c in wanted if c not in self.classes]
         if unknown:
@@ -212,20 +225,39 @@ class LabelMaskAnnotations:
         self._present: list[int] | None = None
 
     def present_labels(self) -> list[int]:
-        """Labels in the mask's coarsest level (cheap; tiny regions may be missing there)."""
+        """Labels the mask holds, read cheaply (see PRESENT_LABELS_MIN_PIXELS for what is missed)."""
         if self._present is None:
-            level = self.slide.level_count - 1
-            w, h = self.slide.level_dimensions[level]
-            d = self.slide.level_downsamples[level]
-            img = self.slide.read_scaled(0, 0, w, h, d, interpolation="nearest", channels="rgba")
-            self._present = sorted(int(v) for v in np.unique(img[..., self.channel]))
+            s = self.slide
+            integral = [i for i, d in enumerate(s.level_downsamples) if abs(d - round(d)) < 1e-6] or [0]
+            big = [
+                i for i in integral
+                if s.level_dimensions[i][0] * s.level_dimensions[i][1] >= PRESENT_LABELS_MIN_PIXELS
+            ]
+            level = max(big, key=lambda i: s.level_downsamples[i]) if big else 0
+            w0, h0 = s.dimensions
+            d = max(s.level_downsamples[level], math.sqrt(w0 * h0 / PRESENT_LABELS_MAX_PIXELS))
+            img = s.read_scaled(
+                0, 0, max(1, math.floor(w0 / d)), max(1, math.floor(h0 / d)), d,
+                interpolation="nearest", channels="rgba", integral_levels_only=True,
+            )
+            counts = np.bincount(img[..., self.channel].ravel(), minlength=256)
+            self._present = [int(v) for v in np.flatnonzero(counts)]
         return self._present
+
+    def _held(self) -> dict[str, list[int]]:
+        """The classes the mask holds -> their labels in it (label-map names, else label values)."""
+        present = self.present_labels()
+        if not self.label_map:
+            return {str(v): [v] for v in present if v != 0}  # 0 is background
+        held: dict[str, list[int]] = {}
+        for label, name in sorted(self.label_map.items()):
+            if label in present:
+                held.setdefault(name, []).append(label)
+        return dict(sorted(held.items()))
 
     @property
     def classes(self) -> list[str]:
-        if self.label_map:
-            return sorted(set(self.label_map.values()))
-        return [str(v) for v in self.present_labels() if v != 0]
+        return list(self._held())
 
     def default_exclusions(self) -> list[str]:
         return []
@@ -242,22 +274,52 @@ class LabelMaskAnnotations:
                 out.append(int(c))
         return sorted(set(out))
 
-    def check_classes(self, classes: Iterable[str]) -> list[str]:
-        wanted = list(dict.fromkeys(str(c) for c in classes))
+    def check_classes(self, classes: Iterable[str], excluding: bool = False) -> list[str]:
+        """The classes as asked; an error for a class no label mask could hold, or for classes of
+        which this mask holds none.
+
+        Without a label map a class is a label value (0-255); with one, a name of the map. Label
+        values are a fixed scheme across a cohort (PANDA: Gleason 3, 4, 5 = tumour), so a class
+        this slide lacks is no typo (a slide without Gleason 5 still has its 3 and 4): only asking
+        for classes none of which the mask holds is refused, since every patch would be empty.
+        Exclusions (``excluding``) need not be present: excluding nothing is harmless.
+        """
+        wanted = list(dict.fromkeys(str(c).strip() for c in classes))
         if self.label_map:
-            unknown = [c for c in wanted if c not in self.label_map.values()]
-            if unknown:
-                raise _unknown_class_error(self.path, unknown, self.classes)
-            return wanted
-        bad = [c for c in wanted if not (c.isdigit() and 0 <= int(c) <= 255)]
-        if bad:
-            raise InvalidInputError(
-                f"{self.path.name}: unknown class{'es' if len(bad) > 1 else ''} "
-                f"{', '.join(repr(c) for c in bad)}; a label mask without a label map has "
-                f"classes named by label value (present: "
-                f"{', '.join(str(v) for v in self.present_labels())})"
-            )
+            names = set(self.label_map.values())
+            malformed = [c for c in wanted if c not in names]
+            held = set(self._held())
+        else:
+            wanted = [str(int(c)) if c.isascii() and c.isdigit() else c for c in wanted]
+            malformed = [c for c in wanted if not (c.isascii() and c.isdigit() and 0 <= int(c) <= 255)]
+            held = {str(v) for v in self.present_labels()}
+        if malformed:
+            raise self._unknown_class_error(malformed)
+        wanted = list(dict.fromkeys(wanted))  # "3" and "03" are one class
+        if not excluding and wanted and not held.intersection(wanted):
+            raise self._unknown_class_error(wanted)
         return wanted
+
+    def _unknown_class_error(self, unknown: Sequence[str]) -> InvalidInputError:
+        present = ", ".join(str(v) for v in self.present_labels()) or "none"
+        if self.label_map:
+            mapped = []
+            for c in unknown:
+                labels = sorted(k for k, v in self.label_map.items() if v == c)
+                if labels:
+                    mapped.append(f"{c!r} is label {', '.join(str(k) for k in labels)}")
+            label_map = ", ".join(f"{k}={v}" for k, v in sorted(self.label_map.items()))
+            note = f"label map {label_map}; labels present: {present}"
+            if mapped:
+                note += f"; {'; '.join(mapped)}"
+        else:
+            note = (
+                f"labels present: {present}; classes are label values unless --label-map names "
+                "them, e.g. --label-map 3=tumour 4=tumour 5=tumour --classes tumour, a class that "
+                "needs only one of its labels present"
+            )
+        error = _unknown_class_error(self.path, unknown, self.classes)
+        return InvalidInputError(f"{error} ({note})")
 
     def check_within(self, slide_dimensions: tuple[int, int]) -> None:
         """The mask must cover the slide's shape (same aspect ratio, within 2 %)."""

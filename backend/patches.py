@@ -20,7 +20,8 @@ Why this shape of pipeline:
 * Background is skipped before any pixel is read at full scale: a tissue mask from Otsu on
   the saturation of a low-resolution level (glass is unsaturated, H&E is not).
 * Bad input (missing slide, corrupt annotations, annotations outside the slide, unknown
-  class) fails before the output folder or the staging folder is created.
+  class, a scale finer than the slide's level 0) fails before the output folder or the
+  staging folder is created.
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ TISSUE_SATURATION_FLOOR = 8.0
 TISSUE_THUMB_MIN = 1024
 TISSUE_THUMB_MAX = 2048
 OVERVIEW_MAX_SIDE = 1024
+# Patches finer than level 0 would be upsampled slide pixels, not more detail: refused. Asked
+# for by µm/px or magnification they may be this much finer (downsample >= 0.9), because
+# scanners sold as 40x/20x differ from the nominal 0.25/0.5 µm/px (a GT450 scans at 0.2635:
+# --mpp 0.25 is a downsample of 0.949). An explicit --downsample must be at least 1.
+MIN_DOWNSAMPLE = 0.9
 
 
 @dataclass(frozen=True)
@@ -308,6 +314,8 @@ def _prepare(config: PatchConfig) -> _Prepared:
     slide = Slide(config.slide, base_mpp=config.base_mpp, base_magnification=config.base_magnification)
     ann: AnnotationSource | None = None
     try:
+        ds = slide.downsample_for(downsample=config.downsample, magnification=config.magnification, mpp=config.mpp)
+        _check_not_upsampled(slide, config, ds)
         ann = load_annotations(config.annotations, label_map=config.label_map, label_channel=config.label_channel)
         ann.check_within(slide.dimensions)
         classes = ann.check_classes(config.classes) if config.classes else ann.default_classes()
@@ -316,11 +324,10 @@ def _prepare(config: PatchConfig) -> _Prepared:
                 f"{Path(config.annotations).name} has no annotation classes to extract"
             )
         exclude = (
-            ann.check_classes(config.exclude_classes)
+            ann.check_classes(config.exclude_classes, excluding=True)
             if config.exclude_classes
             else [c for c in ann.default_exclusions() if c not in classes]
         )
-        ds = slide.downsample_for(downsample=config.downsample, magnification=config.magnification, mpp=config.mpp)
     except BaseException:
         slide.close()
         if ann is not None and hasattr(ann, "close"):
@@ -346,6 +353,35 @@ def _prepare(config: PatchConfig) -> _Prepared:
         "tissue_threshold": config.tissue_threshold,
     }
     return _Prepared(slide, ann, classes, exclude, ds, params)
+
+
+def _check_not_upsampled(slide: Slide, config: PatchConfig, ds: float) -> None:
+    """Refuse a scale finer than the slide's level 0 (see MIN_DOWNSAMPLE)."""
+    floor = 1.0 if config.downsample is not None else MIN_DOWNSAMPLE
+    if ds >= floor - 1e-9:
+        return
+    if config.magnification is not None:
+        asked = f"--magnification {config.magnification:g}"
+        limit = f"ask for at most {slide.magnification:g}x"
+    elif config.mpp is not None:
+        asked = f"--mpp {config.mpp:g}"
+        limit = f"ask for at least {slide.mpp:.4g} µm/px"
+    else:
+        asked = f"--downsample {config.downsample:g}"
+        limit = "ask for a downsample of at least 1"  # the slide's scale plays no part
+    base = ", ".join(
+        b for b in (
+            f"{slide.magnification:g}x" if slide.magnification is not None else "",
+            f"{slide.mpp:.4g} µm/px" if slide.mpp is not None else "",
+        ) if b
+    ) or "scale not recorded"
+    fix = "" if config.downsample is not None else (
+        ", or correct the slide's scale with --base-magnification / --base-mpp if it is wrong"
+    )
+    raise InvalidInputError(
+        f"{asked} is finer than level 0 of {Path(config.slide).name} ({base}): its patches would "
+        f"be the slide's pixels upsampled {1 / ds:.3g}x; {limit}{fix}"
+    )
 
 
 def _check_out_dir(out: Path, params: dict[str, Any]) -> bool:

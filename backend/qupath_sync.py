@@ -266,9 +266,15 @@ def export_patches_from_geojson(
     if not out.parent.is_dir():
         raise NotFoundError(f"folder {out.parent} does not exist")
     used = out.with_name(f"{out.name}.annotations.geojson")
+    existed = used.exists()
     user_annotations_geojson(geojson, used, include_predictions=include_predictions, classes=classes)
     config = PatchConfig(slide=Path(slide), annotations=used, out=out, classes=tuple(classes), **patch_options)
-    return extract_patches(config, progress=progress, overview=overview)
+    try:
+        return extract_patches(config, progress=progress, overview=overview)
+    except HistosamError:
+        if not existed and not out.exists():
+            used.unlink(missing_ok=True)  # a refused run (bad scale, unknown class) leaves nothing behind
+        raise
 
 
 # --------------------------------------------------------------------------- QuPath projects

@@ -210,6 +210,66 @@ def test_synthetic_label_mask_at_half_the_slide_resolution(tmp_path):
     assert plain.classes == ["1", "3"]
     with pytest.raises(InvalidInputError, match="present: 0, 1, 3"):
         plain.check_classes(["tumour"])
+    # Classes of which the mask holds none are refused; a class of the scheme this mask lacks is
+    # not, when another class asked for is there (a slide without Gleason 5 still has its 3).
+    assert plain.check_classes(["3", "03", "0"]) == ["3", "0"]
+    with pytest.raises(InvalidInputError, match=r"unknown class '9'; this file has: '1', '3' \(labels present: 0, 1, 3"):
+        plain.check_classes(["9"])
+    assert plain.check_classes(["3", "9"]) == ["3", "9"]
+    assert plain.check_classes(["7"], excluding=True) == ["7"]  # excluding what is absent is harmless
+    assert ann.check_classes(["tumour", "benign"]) == ["tumour", "benign"]
+    partly = load_annotations(path, label_map={3: "tumour", 5: "tumour", 9: "necrosis"})
+    assert partly.classes == ["tumour"] and partly.labels_of(["tumour"]) == [3, 5]
+    assert partly.check_classes(["tumour"]) == ["tumour"]  # one of its labels is enough
+    with pytest.raises(InvalidInputError, match=r"unknown class 'necrosis'; this file has: 'tumour' .*'necrosis' is label 9"):
+        partly.check_classes(["necrosis"])
+
+
+def _write_pyramid(path: Path, labels: np.ndarray, factors=(1, 4), channel: int = 0) -> Path:
+    """Labels in ``channel`` of an RGB tiled TIFF, one level per factor (nearest, by striding)."""
+    rgb = np.zeros((*labels.shape, 3), np.uint8)
+    rgb[..., channel] = labels
+    with tifffile.TiffWriter(path) as tw:
+        for i, f in enumerate(factors):
+            tw.write(np.ascontiguousarray(rgb[::f, ::f]), tile=(64, 64), photometric="rgb",
+                     compression="zlib", subfiletype=min(i, 1))
+    return path
+
+
+def test_present_labels_read_a_coarse_level_when_the_mask_is_big_enough(tmp_path, monkeypatch):
+    from histosam.backend import annotations
+
+    labels = np.zeros((512, 512), np.uint8)
+    labels[100:300, 100:300] = 3
+    labels[401, 401] = 7  # one level-0 pixel, not on the 4x level's grid (every 4th pixel)
+    path = _write_pyramid(tmp_path / "m.tiff", labels)
+    # 512x512 is under PRESENT_LABELS_MIN_PIXELS: level 0 is read and the speck is found.
+    assert load_annotations(path).present_labels() == [0, 3, 7]
+    # With the 128x128 level big enough it is read instead: the speck, under one of its pixels, is
+    # missed (the documented cost), the real region is not.
+    monkeypatch.setattr(annotations, "PRESENT_LABELS_MIN_PIXELS", 128 * 128)
+    coarse = load_annotations(path)
+    assert coarse.present_labels() == [0, 3]
+    with pytest.raises(InvalidInputError, match="unknown class '7'"):
+        coarse.check_classes(["7"])
+    # A single-level mask is sampled down to at most PRESENT_LABELS_MAX_PIXELS.
+    monkeypatch.setattr(annotations, "PRESENT_LABELS_MAX_PIXELS", 64 * 64)
+    single = load_annotations(_write_pyramid(tmp_path / "one.tiff", labels, factors=(1,)))
+    assert single.present_labels() == [0, 3]
+
+
+def test_label_channel_chooses_where_the_labels_are(tmp_path):
+    labels = np.zeros((256, 256), np.uint8)
+    labels[20:120, 30:90] = 4
+    path = _write_pyramid(tmp_path / "g.tiff", labels, channel=1)
+    green = load_annotations(path, label_channel=1, label_map={4: "tumour"})
+    assert green.classes == ["tumour"] and green.check_classes(["tumour"]) == ["tumour"]
+    green.check_within((256, 256))
+    assert green.rasterise(0, 0, 64, 64, 4.0, ["tumour"]).sum() == 25 * 15
+    red = load_annotations(path, label_channel=0, label_map={4: "tumour"})
+    assert red.classes == []
+    with pytest.raises(InvalidInputError, match=r"this file has: no classes \(label map 4=tumour; labels present: 0;"):
+        red.check_classes(["tumour"])
 
 
 def test_panda_label_mask_matches_the_labels(data_dir):

@@ -63,11 +63,33 @@ def synthetic_config(tmp_path, synthetic_slide) -> PatchConfig:
                        magnification=10, fraction=(0.1, 0.9), tissue_threshold=0.5)
 
 
+@pytest.fixture
+def synthetic_label_mask(tmp_path) -> Path:
+    """Label mask of ``synthetic_slide`` (two levels): 1 over the tissue, 3 in a rectangle.
+
+    The labels are in channel 1 (G); channel 0 (R) holds 0 and 7 (outside the tissue), so a
+    wrong --label-channel sees other classes.
+    """
+    labels = np.zeros((512, 768), np.uint8)
+    labels[64:448, 64:704] = 1
+    labels[100:380, 200:520] = 3
+    red = np.where(labels == 0, 7, 0).astype(np.uint8)
+    rgb = np.ascontiguousarray(np.stack([red, labels, np.zeros_like(labels)], -1))
+    path = tmp_path / "synthetic_mask.tiff"
+    with tifffile.TiffWriter(path) as tw:
+        for i, d in enumerate((1, 2)):
+            tw.write(np.ascontiguousarray(rgb[::d, ::d]), tile=(64, 64), photometric="rgb", compression="zlib",
+                     subfiletype=min(i, 1))
+    return path
+
+
 def test_panda_patches_at_10x_with_fraction_filter(data_dir, tmp_path):
     slides = data_dir / "slides"
     config = PatchConfig(
         slide=slides / "panda-006f6aa3.tiff", annotations=slides / "panda-006f6aa3_mask.tiff",
-        out=tmp_path / "panda", size=256, magnification=10, classes=("3", "4", "5"), fraction=(0.2, 0.8),
+        out=tmp_path / "panda", size=256, magnification=10, fraction=(0.2, 0.8),
+        # This mask holds 0, 1, 3, 4: ask for Gleason 3-5 by name (a bare "5" is refused).
+        label_map={3: "tumour", 4: "tumour", 5: "tumour"}, classes=("tumour",),
     )
     summary = extract_patches(config, progress=False, overview=False)
     assert summary.downsample == 2.0 and summary.mpp == pytest.approx(0.972, abs=0.002)
@@ -188,6 +210,10 @@ def test_resuming_with_other_arguments_is_refused(synthetic_config, monkeypatch)
         ({"classes": ("Necrosis",)}, InvalidInputError, "unknown class 'Necrosis'"),
         ({"fraction": (0.8, 0.2)}, InvalidInputError, "--fraction"),
         ({"magnification": None}, InvalidInputError, "exactly one"),
+        ({"magnification": 80}, InvalidInputError,
+         r"--magnification 80 is finer than level 0 of synthetic.tiff \(20x, 0.5 µm/px\).*upsampled 4x; ask for at most 20x"),
+        ({"magnification": None, "mpp": 0.1}, InvalidInputError, r"--mpp 0.1 is finer .*\(20x, 0.5 µm/px\).*at least 0.5 µm/px"),
+        ({"magnification": None, "downsample": 0.5}, InvalidInputError, r"--downsample 0.5 is finer .*at least 1"),
         ({"out": "file"}, InvalidInputError, "not a folder"),
     ],
 )
@@ -236,3 +262,117 @@ def test_bench_reports_speed_and_memory(synthetic_config, tmp_path, capsys):
     assert result["bench"] == "patches" and result["patches_written"] > 0
     assert result["patches_per_second"] > 0 and result["peak_traced_mib"] > 0 and result["peak_rss_mib"] > 0
     assert "patches_per_second" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- label-mask classes, scale
+
+
+def _cli_patches(slide: Path, ann: Path, out: Path, *extra: str) -> list[str]:
+    return ["patches", "--slide", str(slide), "--annotations", str(ann), "--out", str(out),
+            "--no-progress", "--no-overview", *extra]
+
+
+def test_panda_label_mask_unknown_class_fails_naming_the_classes(data_dir, tmp_path, capsys):
+    """A class no label mask could hold, or classes this mask holds none of, are refused before
+    anything is written; a class of the scheme this slide happens to lack is not (PANDA's Gleason
+    5 is absent from this mask, its 3 and 4 are there)."""
+    slides = data_dir / "slides"
+    slide, mask = slides / "panda-006f6aa3.tiff", slides / "panda-006f6aa3_mask.tiff"
+    out = tmp_path / "panda"
+    scale = ["--magnification", "5", "--size", "256"]
+    tumour_map = ["--label-map", "1=benign", "3=tumour", "4=tumour", "5=tumour"]
+    for bad, named in [
+        (["--classes", "9"], "unknown class '9'"),  # none of the classes asked for is in this mask
+        (["--classes", "5", "9"], "unknown classes '5', '9'"),
+        (["--classes", "3", "tumour"], "unknown class 'tumour'"),  # not a label value, and no map names it
+        ([*tumour_map, "--classes", "tumor"], "unknown class 'tumor'; this file has: 'benign', 'tumour'"),
+    ]:
+        assert main(_cli_patches(slide, mask, out, *scale, *bad)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and named in err, err
+        assert "labels present: 0, 1, 3, 4" in err
+        assert not out.exists() and not staging_dir(out).exists()
+        assert list(tmp_path.iterdir()) == []
+
+    # Valid classes work, by value and by label-map name (labels 3, 4, 5 by one name): same masks.
+    assert main(_cli_patches(slide, mask, out, *scale, "--classes", "3", "4", "5", "--exclude-classes", "2")) == 0
+    named = tmp_path / "named"
+    assert main(_cli_patches(slide, mask, named, *scale, *tumour_map, "--classes", "tumour",
+                             "--exclude-classes", "benign")) == 0
+    assert "classes tumour" in capsys.readouterr().out
+    by_value, by_name = load_patch_dataset(out), load_patch_dataset(named)
+    assert len(by_value) == len(by_name) > 3
+    assert sum(read_mask(r.mask_path).any() for r in by_name) > 0
+    for a, b in zip(by_value, by_name, strict=True):
+        assert a.stem == b.stem and np.array_equal(read_mask(a.mask_path), read_mask(b.mask_path))
+
+
+def test_panda_magnification_above_the_slides_is_refused(data_dir, tmp_path, capsys):
+    slides = data_dir / "slides"
+    out = tmp_path / "panda"
+    args = _cli_patches(slides / "panda-006f6aa3.tiff", slides / "panda-006f6aa3_mask.tiff", out,
+                        "--classes", "3", "--size", "256")
+    assert main([*args, "--magnification", "80"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--magnification 80 is finer than level 0" in err
+    assert "(20x, 0.4862 µm/px)" in err and "upsampled 4x" in err and "at most 20x" in err
+    assert main([*args, "--mpp", "0.25"]) == 2
+    assert "at least 0.4862 µm/px" in capsys.readouterr().err
+    assert not out.exists() and not staging_dir(out).exists()
+
+
+def test_synthetic_label_mask_classes_channel_and_map(synthetic_slide, synthetic_label_mask, tmp_path):
+    base = {"slide": synthetic_slide, "annotations": synthetic_label_mask, "size": 32, "magnification": 10,
+            "tissue_threshold": 0.5, "label_channel": 1}
+
+    def run(name, **change):
+        return extract_patches(PatchConfig(**{**base, "out": tmp_path / name, **change}), progress=False,
+                               overview=False)
+
+    for change, match in [
+        ({"classes": ("9",)}, r"unknown class '9'; this file has: '1', '3' \(labels present: 0, 1, 3;"),
+        ({"classes": ("9", "5")}, r"unknown classes '9', '5'; this file has: '1', '3'"),
+        ({"classes": ("tumour",)}, r"unknown class 'tumour'.*--label-map"),
+        # Channel 0 holds 0 and 7, not the labels: the error shows what that channel has.
+        ({"classes": ("3",), "label_channel": 0}, r"unknown class '3'; this file has: '7' \(labels present: 0, 7;"),
+        ({"classes": ("tumour",), "label_map": {5: "tumour"}},
+         r"unknown class 'tumour'; this file has: no classes \(label map 5=tumour; labels present: 0, 1, 3; "
+         r"'tumour' is label 5\)"),
+        ({"classes": ("tumor",), "label_map": {3: "tumour", 5: "tumour"}},
+         r"unknown class 'tumor'; this file has: 'tumour' \(label map 3=tumour, 5=tumour"),
+    ]:
+        with pytest.raises(InvalidInputError, match=match):
+            run("bad", **change)
+        assert not (tmp_path / "bad").exists() and not staging_dir(tmp_path / "bad").exists()
+
+    plain = run("plain", classes=("3", "5"), exclude_classes=("2",))  # 5 and 2 absent: harmless
+    named = run("named", classes=("tumour",), label_map={3: "tumour", 5: "tumour", 1: "tissue"},
+                exclude_classes=("tissue",))
+    default = run("default", label_map={3: "tumour", 5: "tumour"})  # no --classes: the map's names held
+    assert plain.classes == ["3", "5"] and named.classes == default.classes == ["tumour"]
+    assert plain.n_written == named.n_written == default.n_written > 10
+    masks = [[read_mask(r.mask_path) for r in load_patch_dataset(tmp_path / n)] for n in ("plain", "named", "default")]
+    assert all(np.array_equal(a, b) and np.array_equal(a, c) for a, b, c in zip(*masks, strict=True))
+    assert any(m.all() for m in masks[0]) and any(not m.any() for m in masks[0])
+
+
+def test_scale_near_level_0_is_allowed(synthetic_config, tmp_path):
+    """µm/px a little finer than the slide's (scanners differ from nominal) is not refused."""
+    near = PatchConfig(**{**synthetic_config.__dict__, "magnification": None, "mpp": 0.47, "fraction": None})
+    summary = extract_patches(near, progress=False, overview=False)
+    assert summary.downsample == pytest.approx(0.94) and summary.n_written > 0
+    level0 = PatchConfig(**{**synthetic_config.__dict__, "magnification": 20, "fraction": None,
+                            "out": tmp_path / "level0"})
+    assert extract_patches(level0, progress=False, overview=False).downsample == 1.0
+
+
+def test_qupath_export_patches_refuses_a_magnification_above_the_slides(synthetic_slide, tmp_path, capsys):
+    ann = geojson_rect(tmp_path / "t.geojson", 200, 100, 520, 380)
+    out = tmp_path / "qp"
+    rc = main(["qupath", "export-patches", "--slide", str(synthetic_slide), "--geojson", str(ann),
+               "--classes", "Tumor", "--magnification", "40", "--size", "32", "--out", str(out),
+               "--no-progress", "--no-overview"])
+    assert rc == 2
+    assert "--magnification 40 is finer than level 0 of synthetic.tiff (20x" in capsys.readouterr().err
+    assert not out.exists() and not staging_dir(out).exists()
+    assert not (tmp_path / "qp.annotations.geojson").exists()  # not even the annotations it used
