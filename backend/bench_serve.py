@@ -57,8 +57,9 @@ def register_bench(p: argparse.ArgumentParser) -> None:
     p.set_defaults(bench_func=run_bench)
 
 
-def _default_image() -> np.ndarray:
-    """A real H&E patch when the shared data is there; else a textured synthetic image."""
+def _default_image() -> tuple[np.ndarray, str]:
+    """A real H&E patch when the shared data is there; else a textured synthetic image. With
+    what it is, for the report."""
     import os
 
     import cv2
@@ -69,13 +70,13 @@ def _default_image() -> np.ndarray:
     for patch in sorted(folder.glob("*")) if folder.is_dir() else []:
         bgr = cv2.imread(str(patch), cv2.IMREAD_COLOR)
         if bgr is not None:
-            return np.ascontiguousarray(bgr[..., ::-1])
+            return np.ascontiguousarray(bgr[..., ::-1]), str(patch)
     rng = np.random.default_rng(0)
     img = np.full((640, 640, 3), 235, np.uint8)
     for _ in range(40):
         c = tuple(int(v) for v in rng.integers(0, 640, 2))
         cv2.circle(img, c, int(rng.integers(10, 60)), tuple(int(v) for v in rng.integers(60, 200, 3)), -1)
-    return img
+    return img, "synthetic 640x640 (no shared data)"
 
 
 def _png(rgb: np.ndarray) -> bytes:
@@ -104,14 +105,15 @@ def run_bench(args: argparse.Namespace) -> int:
 
     bundle = args.bundle or default_bundle_path()
     if args.image is not None:
-        bgr = cv2.imread(str(args.image), cv2.IMREAD_COLOR)
-        if bgr is None:
-            from histosam.backend.errors import InvalidInputError
+        from histosam.backend.errors import InvalidInputError
 
+        # Checked first: OpenCV would print its own warning line for a missing file.
+        bgr = cv2.imread(str(args.image), cv2.IMREAD_COLOR) if Path(args.image).is_file() else None
+        if bgr is None:
             raise InvalidInputError(f"cannot read image {args.image}")
-        rgb = np.ascontiguousarray(bgr[..., ::-1])
+        rgb, image_name = np.ascontiguousarray(bgr[..., ::-1]), str(args.image)
     else:
-        rgb = _default_image()
+        rgb, image_name = _default_image()
     h, w = rgb.shape[:2]
     settings = ServerSettings(port=0, bundles=(Path(bundle),), threads=4, ort_threads=args.ort_threads,
                               prefer_gpu=not args.cpu, propagation=args.propagation,
@@ -222,7 +224,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "model": model.name,
         "bundle": str(bundle),
         "providers": providers,
-        "image": str(args.image) if args.image else "default",
+        "image": image_name,
         "image_size": [w, h],
         "clicks": len(bare),
         "propagation": graph is not None,

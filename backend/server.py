@@ -349,7 +349,7 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
             version=__version__,
             models=[
                 pb.ModelInfo(name=m.name, sha256=m.sha256, input_size=m.transform.input_size,
-                             is_default=m.name == self.models.default_name)
+                             is_default=m.name == self.models.default_name, edge_snap=self.snaps_edges(m))
                 for m in self.models.models()
             ],
             default_model=self.models.default_name,
@@ -640,6 +640,31 @@ class TokenInterceptor(grpc.ServerInterceptor):
 # --------------------------------------------------------------------------- server
 
 
+def _check_port_free(host: str, port: int, bind: str) -> None:
+    """Say "address in use" in one line before gRPC tries: its C core logs a cryptic line first.
+
+    The probe sets SO_REUSEADDR like gRPC does, so a port left in TIME_WAIT by a server that just
+    stopped is not mistaken for a busy one; only a live listener fails it.
+    """
+    import errno
+    import socket
+
+    if not port:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (OSError, IndexError):
+        return  # gRPC reports unresolvable hosts itself
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise HistosamError(f"cannot listen on {bind}: the address is in use (another server on port {port}?)") from None
+
+
 @dataclass
 class SegmentationServer:
     """A running (after ``start``) gRPC server; ``stop`` ends it gracefully."""
@@ -695,6 +720,7 @@ class SegmentationServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         bind = f"[{s.host}]:{s.port}" if ":" in s.host and not s.host.startswith("[") else f"{s.host}:{s.port}"
+        _check_port_free(s.host, s.port, bind)
         try:
             if s.tls_cert is not None and s.tls_key is not None:
                 try:

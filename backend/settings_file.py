@@ -41,8 +41,11 @@ def load_settings(cls: type[T], path: str | Path, what: str, int_fields: tuple[s
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise NotFoundError(f"cannot read {what} config {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise InvalidInputError(f"{what} config {path} is not valid YAML: {exc}") from None
+    except yaml.YAMLError as exc:  # PyYAML's message spans several lines: keep the problem and where
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise InvalidInputError(f"{what} config {path} is not valid YAML{where}: {problem}") from None
     if not isinstance(data, Mapping):
         raise InvalidInputError(f"{what} config {path} must be a mapping of settings")
     return settings_from_mapping(cls, data, what, int_fields)

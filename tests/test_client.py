@@ -179,7 +179,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 def test_cli_client_info_open_click(server, image_file, tmp_path, capsys):
     code, out, _ = run_cli(capsys, "client", "--server", server.address, "info")
-    assert code == 0 and json.loads(out)["defaultModel"] == "tiny_sam"
+    assert code == 0 and json.loads(out)["default_model"] == "tiny_sam"
     code, out, _ = run_cli(capsys, "client", "--server", server.address, "open", "--image", str(image_file),
                            "--frame", "100", "200", "4")
     opened = json.loads(out)
@@ -272,3 +272,43 @@ def test_session_ids_never_read_as_command_line_options():
     ids = [store.create(None, embedding, Frame()).session_id for _ in range(2000)]
     assert len(set(ids)) == len(ids)
     assert all(len(i) == 32 and i[0] != "-" and all(c in "0123456789abcdef" for c in i) for i in ids)
+
+
+def test_cli_click_refuses_bad_outputs_and_mixed_sources_before_clicking(server, image_file, tmp_path, capsys):
+    base = ["client", "--server", server.address]
+    opened = json.loads(run_cli(capsys, *base, "open", "--image", str(image_file))[1])
+    session = opened["session_id"]
+    cases = [
+        (["--session", session, "--image", str(image_file)], "give one"),
+        (["--session", session, "--mask-out", str(tmp_path)], "is a folder"),
+        (["--session", session, "--geojson-out", str(tmp_path / "missing" / "a.geojson")], "does not exist"),
+    ]
+    for extra, message in cases:
+        code, out, err = run_cli(capsys, *base, "click", "--point", "160,120", *extra)
+        assert code != 0 and message in err and len(err.strip().splitlines()) == 1 and not out
+    # Nothing reached the session: its first click still starts from one point.
+    code, out, _ = run_cli(capsys, *base, "click", "--session", session, "--point", "160,120")
+    assert code == 0 and json.loads(out)["num_points"] == 1
+    code, _, err = run_cli(capsys, *base, "open", "--slide", "x.svs", "--region", "0", "0", "10", "10",
+                           "--downsample", "0")
+    assert code != 0 and "--downsample" in err
+
+
+def test_cli_output_into_a_closed_pipe_is_no_traceback(server):
+    proc = subprocess.Popen([sys.executable, "-m", "histosam.backend.cli", "client", "--server", server.address,
+                             "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader leaves before the answer is written (`... | head -0`)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 141 and b"Traceback" not in err
+
+
+def test_serve_on_a_busy_port_says_so_in_one_line(tiny_bundle, capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = cli_main(["serve", "--models", str(tiny_bundle), "--port", str(port)])
+    err = capsys.readouterr().err
+    assert code != 0 and "in use" in err and "Traceback" not in err

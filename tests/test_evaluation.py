@@ -303,6 +303,7 @@ def test_cli_end_to_end_with_a_baseline_on_real_patches(data_dir, tmp_path, caps
         assert all(0.0 <= v <= 1.0 for v in s["ious"])
     table = (out / "table.md").read_text()
     assert "| grabcut |" in table and "NoC@90" in table
+    assert "| mIoU@1 | mIoU@3 |" in table  # the last click gets a column even off the 1/5/10/20 grid
     assert (out / "miou_per_click.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in out.iterdir()) == ["miou_per_click.png", "results.json", "table.md"]
     assert "| grabcut |" in capsys.readouterr().out
@@ -359,3 +360,27 @@ def test_write_report_leaves_no_temporary_files(tmp_path):
     write_report(tmp_path, results)
     write_report(tmp_path, results)  # overwriting works too
     assert sorted(p.name for p in tmp_path.iterdir()) == ["miou_per_click.png", "results.json", "table.md"]
+
+
+def test_cli_refuses_what_it_could_only_fail_on_after_the_run(data_dir, tmp_path, capsys):
+    """Bad --out, --target-iou and settings files are refused before any sample is evaluated."""
+    not_a_folder = tmp_path / "file.txt"
+    not_a_folder.write_text("x")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("band: [1, 2\nbeta: 3\n")
+    base = ["evaluate", "--backend", "grabcut", "--data", str(data_dir / "patches" / "ocdc"), "--limit", "1",
+            "--max-clicks", "1", "--no-progress"]
+    cases = [
+        (["--out", str(not_a_folder)], "not a folder"),
+        (["--out", str(not_a_folder / "sub")], "cannot be created"),
+        (["--out", str(tmp_path / "o"), "--target-iou", "0.5"], "--target-iou"),
+        (["--out", str(tmp_path / "o"), "--edge-snap", "off", "--edge-snap-config", str(tmp_path / "typo.yaml")],
+         "typo.yaml"),
+        (["--out", str(tmp_path / "o"), "--edge-snap-config", str(bad_yaml)], "line 2, column 5"),
+        (["--out", str(tmp_path / "o"), "--propagation-config", str(bad_yaml)], "not valid YAML"),
+    ]
+    for extra, message in cases:
+        assert main([*base, *extra]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists()

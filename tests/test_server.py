@@ -852,6 +852,9 @@ def test_edge_snapping_follows_the_bundle_unless_the_server_says_on_or_off(model
                     reply = stub.Click(pb.ClickRequest(session_id=sid, points=pts((100.0, 100.0, True), (250.0, 120.0, False)),
                                                        want_mask_png=True, min_area=0, propagation=choice), timeout=30)
                     assert iou(decode_png_mask(reply.mask_png), expected) > 0.999
+                # GetServerInfo says which models are snapped here (QuPath users see it in `client info`).
+                (info,) = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=30).models
+                assert info.edge_snap == (want is snapped)
         for srv, want in servers:  # the working copy is kept only where it is used, and counted in the budget
             (embedding,) = srv.servicer.cache._entries.values()
             assert (embedding.snap_lab is not None) == (want is snapped)

@@ -144,3 +144,29 @@ def test_click_disk_mode_reaches_the_dense_prompt_survives_saving_and_exports(tm
     export_bundle({"model": "tiny_sam", "checkpoint": None, "decoder_weights": str(path)}, bundle,
                   model=reloaded, check=False, progress=False)
     assert _agree(reloaded, bundle) < 1e-3
+
+
+def test_export_names_a_fine_tune_after_its_folder_unless_told(tmp_path, tiny_model, capsys):
+    """A fine-tune must not be served under its base model's name (QuPath's `model =` picks by name)."""
+    from histosam.backend.cli import main
+    from histosam.backend.models import ModelStore
+    from histosam.training.models.decoder_weights import save_decoder_weights
+
+    weights = save_decoder_weights(tiny_model, tmp_path / "best.safetensors")
+    base = ["export", "--model", "tiny_sam", "--no-check"]
+    assert main([*base, "--out", str(tmp_path / "zero_shot")]) == 0
+    assert main([*base, "--decoder-weights", str(weights), "--out", str(tmp_path / "my_tissue")]) == 0
+    assert main([*base, "--decoder-weights", str(weights), "--name", "prostate v2",
+                 "--out", str(tmp_path / "b3")]) == 0
+    names = {json.loads((tmp_path / b / "manifest.json").read_text())["model"] for b in ("zero_shot", "my_tissue", "b3")}
+    assert names == {"tiny_sam", "my_tissue", "prostate v2"}
+    store = ModelStore.load([tmp_path / "zero_shot", tmp_path / "my_tissue"], threads=1)
+    assert sorted(store.names) == ["my_tissue", "tiny_sam"]  # both served side by side
+    capsys.readouterr()
+    (tmp_path / "a_file").write_text("x")
+    for extra, message in ((["--out", str(tmp_path / "a_file")], "not a folder"),
+                           (["--out", str(tmp_path / "a_file" / "sub")], "cannot be created"),
+                           (["--name", "a/b", "--out", str(tmp_path / "b4")], "--name")):
+        assert main([*base, "--decoder-weights", str(weights), *extra]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err

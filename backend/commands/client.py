@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -84,8 +85,28 @@ def parse_point(text: str) -> tuple[float, float, bool]:
     return x, y, positive
 
 
+def _check_click_args(args: argparse.Namespace) -> None:
+    from histosam.backend.errors import InvalidInputError
+
+    if args.session and (args.image is not None or args.slide is not None):
+        raise InvalidInputError("--session continues an open session and --image/--slide open a new one: give one")
+    for flag, path in (("--mask-out", args.mask_out), ("--geojson-out", args.geojson_out)):
+        if path is None:
+            continue
+        if path.is_dir():
+            raise InvalidInputError(f"{flag} {path} is a folder; give a file name")
+        parent = path.resolve().parent
+        if not parent.is_dir():
+            raise InvalidInputError(f"{flag} {path}: folder {parent} does not exist")
+        if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise InvalidInputError(f"{flag} {path} is not writable")
+
+
 def _open(client, args: argparse.Namespace):
     from histosam.backend.errors import InvalidInputError
+
+    if args.downsample <= 0 or (args.frame is not None and args.frame[2] <= 0):
+        raise InvalidInputError("--downsample and the --frame downsample must be positive")
 
     if args.image is not None:
         return client.open_image(args.image, model=args.model, frame=args.frame)
@@ -118,10 +139,13 @@ def run(args: argparse.Namespace) -> int:
     with SegmentationClient(args.server, token_file=args.token_file, timeout=args.timeout,
                             tls=args.tls, root_certificates=args.tls_ca) as client:
         if args.client_command == "info":
-            out = MessageToDict(client.info(), always_print_fields_with_no_presence=True)
+            # snake_case, like the open and click answers (and the proto's own field names).
+            out = MessageToDict(client.info(), always_print_fields_with_no_presence=True,
+                                preserving_proto_field_name=True)
         elif args.client_command == "open":
             out = _session_json(_open(client, args))
         else:
+            _check_click_args(args)  # before the click: a bad output path must not lose its answer
             if args.session:
                 session = ImageSession(client, pb.OpenImageRequest(), pb.OpenImageResponse(session_id=args.session))
             else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
 LEARNED_BACKENDS = ("torch", "onnx")
@@ -83,6 +84,11 @@ def load_onnx(model: str):
         return OnnxPredictor.from_bundle(path)
     if path.is_dir():
         raise BundleError(f"{path} is a folder but holds no manifest.json")
+    from histosam.backend.catalog import cached_bundle_path
+
+    cached = cached_bundle_path(model)  # torch-free: a bundle already exported is used as the server would
+    if (cached / "manifest.json").is_file():
+        return OnnxPredictor.from_bundle(cached)
     try:
         from histosam.export.exporter import ensure_bundle
     except ImportError as exc:
@@ -125,6 +131,20 @@ def _needs_torch(model: str, exc: ImportError):
     )
 
 
+def prepare_out(out: Path) -> None:
+    """Create the output folder now, or say in one line why it cannot be."""
+    from histosam.backend.errors import InvalidInputError
+
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"--out {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidInputError(f"--out {out} cannot be created: {exc.strerror or exc}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise InvalidInputError(f"--out {out} is not writable")
+
+
 def run(args: argparse.Namespace) -> int:
     from histosam.backend.baselines import BASELINES
     from histosam.backend.edge_snap import EdgeSnappingPredictor, EdgeSnapSettings
@@ -146,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
     learned = [b for b in backends if b in (*LEARNED_BACKENDS, "both")]
     if learned and not args.model:
         raise InvalidInputError(f"--backend {' '.join(learned)} needs --model NAME_OR_BUNDLE_DIR")
+    if not 0.9 <= args.target_iou <= 1.0:
+        raise InvalidInputError(f"--target-iou must be between 0.90 (the highest NoC threshold) and 1, got {args.target_iou}")
     config = EvalConfig(args.max_clicks, args.target_iou, args.full_curve)
     fraction = tuple(args.fraction) if args.fraction else None
     selection = select_samples(args.data, fraction, args.limit)
@@ -161,17 +183,22 @@ def run(args: argparse.Namespace) -> int:
         runs[key] = summary
 
     modes = propagation_modes(args.propagation)
-    settings = PropagationSettings.load(args.propagation_config) if modes != ["off"] else None
+    # A settings file that is named is read (and checked) even when no run uses it: a typo is an error.
+    settings = PropagationSettings.load(args.propagation_config) if modes != ["off"] or args.propagation_config else None
     variants = [PROPAGATION_SUFFIX[m] for m in modes]
     mode_of = {v: m for m, v in PROPAGATION_SUFFIX.items()}
 
-    snap_settings = EdgeSnapSettings.load(args.edge_snap_config) if args.edge_snap != "off" else None
+    snap_settings = EdgeSnapSettings.load(args.edge_snap_config) if args.edge_snap != "off" or args.edge_snap_config else None
+    prepare_out(args.out)  # after every check, before the evaluation: a bad --out must not cost a long run
 
     def combos(predictor) -> list[tuple[bool, str]]:
         """(edge snapped?, propagation suffix) per run of a learned predictor."""
         snaps = {"model": [bool(getattr(predictor, "edge_snap", False))], "on": [True], "off": [False],
                  "both": [False, True]}[args.edge_snap]
-        return [(snap, suffix) for snap in snaps for suffix in variants]
+        # Propagation "on" replaces every mask with the walker's, which is never snapped: a snapped
+        # run of it would repeat the unsnapped one at the cost of a discarded solve per click.
+        pairs = [(snap and mode_of[suffix] != "on", suffix) for snap in snaps for suffix in variants]
+        return list(dict.fromkeys(pairs))
 
     # Snapping wraps the model and propagation wraps that, as the server does it: propagated
     # masks come from the logits (never snapped), the model's own masks are snapped.

@@ -16,6 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", help="weights file for models that need one (vit_b/l/h, mobile_sam)")
     p.add_argument("--decoder-weights", help="fine-tuned decoder weights (.safetensors) from histosam train")
     p.add_argument("--out", type=Path, help="bundle folder to write (atomically)")
+    p.add_argument("--name", help="the model name the bundle is served and listed under (default: the model's own "
+                   "name; with --decoder-weights: the --out folder's name, so a fine-tune is not taken for its base)")
     p.add_argument("--quantize", choices=["int8", "fp16"], help="quantise the graphs (parity loss is reported, not enforced)")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--no-check", action="store_true", help="skip the PyTorch/ONNX parity check")
@@ -39,7 +41,18 @@ def run(args: argparse.Namespace) -> int:
         return 0 if report["passed"] or report["quantized"] else 1
     if args.out is None:
         raise InvalidInputError("--out DIR is required (or --check DIR)")
+    if args.out.exists() and not args.out.is_dir():
+        raise InvalidInputError(f"--out {args.out} exists and is not a folder")
+    try:  # before the export, which takes minutes: an unwritable --out fails now, in one line
+        args.out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidInputError(f"--out {args.out} cannot be created: {exc.strerror or exc}") from None
     source = resolve_source(args.model, args.checkpoint, args.decoder_weights)
+    name = args.name or (args.out.resolve().name if args.decoder_weights else None)
+    if name is not None:
+        if not name.strip() or any(c in name for c in "/\\\n"):
+            raise InvalidInputError(f"--name {name!r}: give a non-empty name without slashes or newlines")
+        source = {**source, "name": name}
     manifest = export_bundle(source, args.out, opset=args.opset, quantize=args.quantize, check=not args.no_check)
     print(f"wrote {args.out} ({manifest['model']}, opset {args.opset}, quantize={args.quantize})")
     if "parity" in manifest:

@@ -23,16 +23,18 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "sha256", "input_size", "is_default")
+    __slots__ = ("name", "sha256", "input_size", "is_default", "edge_snap")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    EDGE_SNAP_FIELD_NUMBER: _ClassVar[int]
     name: str
     sha256: str
     input_size: int
     is_default: bool
-    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., input_size: _Optional[int] = ..., is_default: _Optional[bool] = ...) -> None: ...
+    edge_snap: bool
+    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., input_size: _Optional[int] = ..., is_default: _Optional[bool] = ..., edge_snap: _Optional[bool] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_pixels", "max_message_bytes", "max_points", "session_idle_seconds", "cache_bytes", "max_sessions", "max_concurrent_rpcs", "max_concurrent_encodes")
