@@ -78,6 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"histosam {args.command}: error: this needs the Python module {exc.name!r}, which is not "
               f"installed{hint}", file=sys.stderr)
         return 1
+    except ImportError as exc:  # installed but broken, e.g. torch built for a CUDA library that is missing
+        print(f"histosam {args.command}: error: a module this needs cannot be imported: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         # Unwritable output paths, full disks, folders where files were expected: one line, no traceback.
         where = f": {exc.filename}" if exc.filename else ""

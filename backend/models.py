@@ -38,9 +38,10 @@ def default_bundle_path(cache_dir: Path | None = None) -> Path:
         return target
     try:
         from histosam.export.exporter import ensure_bundle  # imports torch: only when needed
-    except ModuleNotFoundError as exc:
+    except ImportError as exc:  # not installed, or installed but broken (e.g. a missing CUDA library)
+        what = f"{exc.name} is not installed" if isinstance(exc, ModuleNotFoundError) else f"torch cannot be imported ({exc})"
         raise BundleError(
-            f"no default model bundle at {target} and {exc.name} is not installed to export one: "
+            f"no default model bundle at {target} and {what} to export one: "
             "run `histosam export --out DIR` where the torch extra is installed and serve with --models DIR"
         ) from None
     log.info("exporting the default model bundle into %s (first run only)", target)
