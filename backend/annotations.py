@@ -49,7 +49,7 @@ VECTOR_SUFFIXES = {".xml", ".json", ".geojson"}
 # pyramid level, not level 0, so a mistyped class fails in well under a second even on a
 # gigapixel mask: the coarsest level with at least PRESENT_LABELS_MIN_PIXELS pixels (level 0
 # when the whole mask is smaller). A label present only in regions smaller than one pixel of
-# that level can be missed, and is then refused as an unknown class: a PANDA mask
+# that level can be missed (refused only when no other class asked for is held): a PANDA mask
 # (~0.5 µm/px, levels 1, 4, 16) is read at 16x, ~8 µm a pixel, far below an annotated tumour
 # region; a smaller minimum would pick levels where small regions vanish. A mask with no such
 # level (one huge level 0) is sampled at most PRESENT_LABELS_MAX_PIXELS pixels, nearest.
