@@ -192,7 +192,7 @@ def make_region(
         if values[name] <= 0:
             raise InvalidInputError(f"slide_region.{name} must be positive, got {values[name]:g}")
     if x < 0 or y < 0:
-        raise InvalidInputError(f"slide_region origin ({x:g}, {y:g}) is outside the slide")
+        raise InvalidInputError(f"slide region origin ({x:g}, {y:g}) is outside the slide")
     path = resolve_slide_path(slide_path, roots)
     # In floats first: width / downsample may overflow to inf, which has no integer size.
     out_w, out_h = max(1.0, width / downsample), max(1.0, height / downsample)
@@ -200,6 +200,11 @@ def make_region(
         raise ResourceLimitError(
             f"slide region of {out_w:.6g}x{out_h:.6g} pixels exceeds the server's limit of {max_pixels} "
             "pixels: use a larger downsample or a smaller region"
+        )
+    if min(out_w, out_h) < 1.5:  # rounds to < 2 px; checked before the slide is read (validate_rgb would say only "too small")
+        raise InvalidInputError(
+            f"slide region {width:g}x{height:g} at downsample {downsample:g} is under 2 pixels a side "
+            f"({out_w:.3g}x{out_h:.3g}): use a smaller downsample"
         )
     try:
         stat = path.stat()
@@ -217,7 +222,13 @@ def make_region(
 
 
 def read_region(region: Region) -> np.ndarray:
-    """RGB uint8 of the region (OpenSlide via histosam.backend.slides); refuses regions off the slide."""
+    """RGB uint8 of the region (OpenSlide via histosam.backend.slides); refuses regions off the slide.
+
+    A region reaching past the slide's right or bottom edge is cut there: the white fill beyond
+    would otherwise be segmented as if it were tissue (a click near the edge returned polygons
+    over the glass). The origin is kept, so the client's frame stays exact; the response's
+    width and height say what was read.
+    """
     from histosam.backend.slides import open_slide
 
     with open_slide(region.path) as slide:
@@ -226,4 +237,7 @@ def read_region(region: Region) -> np.ndarray:
             raise InvalidInputError(
                 f"slide region origin ({region.x:g}, {region.y:g}) is outside the {w0}x{h0} slide"
             )
-        return slide.read_scaled(region.x, region.y, region.out_width, region.out_height, region.downsample)
+        width, height = min(region.width, w0 - region.x), min(region.height, h0 - region.y)
+        out_w = min(region.out_width, max(1, round(width / region.downsample)))
+        out_h = min(region.out_height, max(1, round(height / region.downsample)))
+        return slide.read_scaled(region.x, region.y, out_w, out_h, region.downsample)

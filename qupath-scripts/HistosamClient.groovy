@@ -158,8 +158,29 @@ class HistosamSettings {
         if (!(values.slide_source in ['pixels', 'path'])) {
             throw new HistosamException("histosam: setting slide_source must be 'pixels' or 'path', got '${values.slide_source}'")
         }
+        validateServer()
         if (!(values.tls.toLowerCase() in ['true', 'false', 'yes', 'no', '1', '0'])) {
             throw new HistosamException("histosam: setting tls must be true or false, got '${values.tls}'")
+        }
+    }
+
+    /** server is HOST:PORT (a gRPC target); a URL or a missing port would fail later, less clearly. */
+    private void validateServer() {
+        String server = values.server.trim()
+        String where = "(${origins.server})"
+        if (server ==~ /(?i)(https?|grpcs?):\/\/.*/) {
+            throw new HistosamException("histosam: setting server must be HOST:PORT (e.g. 127.0.0.1:50051), not a URL: '${server}' ${where}")
+        }
+        if (server.contains('://') || server.startsWith('unix:') || server.startsWith('dns:')) {
+            return  // another gRPC target syntax (dns:///host:port, unix:path): grpc-java parses it
+        }
+        def m = server =~ /^(.+):(\d+)$/
+        if (!m.matches() || m.group(1).isEmpty()) {
+            throw new HistosamException("histosam: setting server '${server}' ${where} has no port: use HOST:PORT, e.g. ${server}:50051")
+        }
+        int port = m.group(2) as int
+        if (port < 1 || port > 65535) {
+            throw new HistosamException("histosam: setting server '${server}' ${where}: port ${port} is not in 1-65535")
         }
     }
 
@@ -432,6 +453,7 @@ class HistosamImage {
     String model
     boolean cacheHit
     double encodeSeconds
+    double readSeconds  // reading/decoding the pixels server-side (a slide region: OpenSlide)
     int reopenCount = 0
 
     void update(Map response) {
@@ -442,6 +464,7 @@ class HistosamImage {
         model = response.model
         cacheHit = response.cache_hit as boolean
         encodeSeconds = response.encode_seconds as double
+        readSeconds = (response.decode_image_seconds ?: 0) as double
     }
 }
 
@@ -590,7 +613,7 @@ class HistosamGrpc {
     private HistosamImage open(Map request) {
         HistosamImage image = new HistosamImage(openRequest: request)
         image.update(call('OpenImage', request, settings.openTimeoutMillis))
-        log("histosam: opened ${image.width}x${image.height} px (${image.cacheHit ? 'cached embedding' : String.format('encoded in %.2f s', image.encodeSeconds)}), model ${image.model}")
+        log("histosam: opened ${image.width}x${image.height} px (${image.cacheHit ? 'cached embedding' : String.format('read in %.2f s, encoded in %.2f s', image.readSeconds, image.encodeSeconds)}), model ${image.model}")
         return image
     }
 

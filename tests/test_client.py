@@ -190,6 +190,8 @@ def test_cli_client_info_open_click(server, image_file, tmp_path, capsys):
                            "--mask-out", str(mask_out), "--geojson-out", str(geojson_out), "--close")
     clicked = json.loads(out)
     assert code == 0 and clicked["num_points"] == 2 and clicked["session"]["cache_hit"]
+    assert clicked["round_trip_seconds"] >= clicked["decode_seconds"] > 0
+    assert "decode_image_seconds" in clicked["session"]
     mask = cv2.imread(str(mask_out), cv2.IMREAD_GRAYSCALE) > 0
     assert mask.shape == (240, 320) and mask.sum() == clicked["mask_pixels"]
     polygons = [PolygonXY(np.array(p["exterior"]), [np.array(h) for h in p["holes"]]) for p in clicked["polygons"]]

@@ -190,6 +190,10 @@ def results(groovy_env, server, silent_server, images, tmp_path_factory) -> dict
     (bad_dir / "histosam.properties").write_text("sever = x:1\n")
     spread_dir = tmp_path_factory.mktemp("spread_settings")
     (spread_dir / "histosam.properties").write_text("propagation = sometimes\n")
+    url_dir = tmp_path_factory.mktemp("url_settings")
+    (url_dir / "histosam.properties").write_text("server = http://127.0.0.1:50051\n")
+    portless_dir = tmp_path_factory.mktemp("portless_settings")
+    (portless_dir / "histosam.properties").write_text("server = 127.0.0.1\n")
     nan_dir = tmp_path_factory.mktemp("nan_settings")
     (nan_dir / "histosam.properties").write_text("timeout_seconds = soon\n")
     home = tmp_path_factory.mktemp("home")  # no ~/.histosam there
@@ -208,6 +212,9 @@ def results(groovy_env, server, silent_server, images, tmp_path_factory) -> dict
         {"name": "settings_unknown_key", "kind": "settings", "script_dir": str(bad_dir), "sys": {"user.home": str(home)}},
         {"name": "settings_bad_number", "kind": "settings", "script_dir": str(nan_dir), "sys": {"user.home": str(home)}},
         {"name": "settings_bad_propagation", "kind": "settings", "script_dir": str(spread_dir),
+         "sys": {"user.home": str(home)}},
+        {"name": "settings_server_url", "kind": "settings", "script_dir": str(url_dir), "sys": {"user.home": str(home)}},
+        {"name": "settings_server_no_port", "kind": "settings", "script_dir": str(portless_dir),
          "sys": {"user.home": str(home)}},
         {"name": "settings_propagation_on", "kind": "settings", "script_dir": str(home),
          "sys": {"user.home": str(home)}, "env": {"HISTOSAM_PROPAGATION": "On"}},
@@ -298,6 +305,10 @@ def test_settings_errors_name_the_problem(results):
     spread = results["settings_bad_propagation"]
     assert not spread["ok"] and "propagation must be server, on, off or auto" in spread["error"]
     assert "sometimes" in spread["error"]
+    url = results["settings_server_url"]
+    assert not url["ok"] and "must be HOST:PORT (e.g. 127.0.0.1:50051), not a URL" in url["error"]
+    portless = results["settings_server_no_port"]
+    assert not portless["ok"] and "has no port: use HOST:PORT, e.g. 127.0.0.1:50051" in portless["error"]
     assert check(results, "settings_propagation_on")["propagation"] == "PROPAGATION_ON"
     assert check(results, "settings_propagation_auto")["propagation"] == "PROPAGATION_AUTO"
     assert check(results, "settings_defaults")["propagation"] == "PROPAGATION_SERVER_DEFAULT"

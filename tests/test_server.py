@@ -694,6 +694,19 @@ def test_slide_region_comes_back_in_level0_coordinates(stub, server, data_dir):
     off = pb.SlideRegion(slide_path=CMU, x=100_000, y=0, width=100, height=100)
     code, details = status_of(stub.OpenImage, pb.OpenImageRequest(slide_region=off))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "outside" in details
+    tiny = pb.SlideRegion(slide_path=CMU, x=0, y=0, width=1000, height=1000, downsample=10_000)
+    code, details = status_of(stub.OpenImage, pb.OpenImageRequest(slide_region=tiny))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "use a smaller downsample" in details
+    # A region reaching past the right and bottom edges is cut there: no mask over the glass beyond.
+    w0, h0 = s.dimensions
+    edge = pb.SlideRegion(slide_path=CMU, x=w0 - 400, y=h0 - 200, width=1000, height=1000, downsample=2)
+    cut = stub.OpenImage(pb.OpenImageRequest(slide_region=edge), timeout=120)
+    assert (cut.width, cut.height) == (200, 100)
+    assert (cut.frame.origin_x, cut.frame.origin_y, cut.frame.downsample) == (w0 - 400, h0 - 200, 2)
+    reply = stub.Click(pb.ClickRequest(session_id=cut.session_id, points=pts((w0 - 200, h0 - 100, True)),
+                                       box=pb.Box(x0=w0 - 400, y0=h0 - 200, x1=w0, y1=h0), min_area=0), timeout=30)
+    for p in polygons_of(reply):
+        assert p.exterior[:, 0].max() <= w0 and p.exterior[:, 1].max() <= h0
 
 
 # --------------------------------------------------------------------------- the real default model

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +123,7 @@ def _session_json(session) -> dict[str, Any]:
     r = session.response
     return {
         "session_id": r.session_id, "width": r.width, "height": r.height, "model": r.model,
-        "cache_hit": r.cache_hit, "encode_seconds": r.encode_seconds,
+        "cache_hit": r.cache_hit, "decode_image_seconds": r.decode_image_seconds, "encode_seconds": r.encode_seconds,
         "frame": {"origin_x": r.frame.origin_x, "origin_y": r.frame.origin_y, "downsample": r.frame.downsample},
     }
 
@@ -172,9 +173,11 @@ def _click(client, session, args: argparse.Namespace) -> dict[str, Any]:
             refine = args.refine_mask.read_bytes()
         except OSError as exc:
             raise NotFoundError(f"cannot read {args.refine_mask}: {exc.strerror}") from None
+    started = time.perf_counter()
     result = client.click(session, points, box=box, want_mask=args.mask_out is not None,
                           simplify_tolerance=args.simplify, min_area=args.min_area, mask_prompt_png=refine,
                           propagation=args.propagation)
+    round_trip = time.perf_counter() - started  # what the user waits: decode + snapping/propagation + wire
     if args.mask_out is not None:
         args.mask_out.write_bytes(result.mask_png)
     if args.geojson_out is not None:
@@ -187,6 +190,7 @@ def _click(client, session, args: argparse.Namespace) -> dict[str, Any]:
         "num_points": result.num_points,
         "decoded_steps": result.decoded_steps,
         "decode_seconds": result.decode_seconds,
+        "round_trip_seconds": round_trip,
         "mask_pixels": result.mask_pixels,
         "reopened": result.reopened,
         "propagated": result.propagated,
