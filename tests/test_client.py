@@ -247,6 +247,7 @@ def test_cli_serve_config_flags_and_sigterm(tiny_bundle, tmp_path):
         assert "stopped" in out
         assert "click propagation auto by default" in text
         assert "edge snapping off" in text  # the tiny bundle does not ask for it (the shipped default does)
+        assert "slides by path off (--slide-root DIR allows them)" in text
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -171,6 +171,10 @@ def _serve(settings) -> int:
         print(f"histosam serve: listening on {server.address} ({secure}, {auth})", flush=True)
         print(f"histosam serve: models {', '.join(server.models.names)} (default {server.models.default_name}); "
               f"providers {', '.join(server.providers)}", flush=True)
+        roots = ", ".join(str(r) for r in settings.slide_roots)
+        print(f"histosam serve: slides readable by path under {roots}" if roots else
+              "histosam serve: slides by path off (--slide-root DIR allows them); images are sent as pixels",
+              flush=True)
         spread = server.servicer.propagation
         print(f"histosam serve: click propagation {settings.propagation} by default, clients may choose per click "
               f"(gamma {spread.gamma:g}, beta {spread.beta:g}, {spread.working_side} px walker grid, "
