@@ -75,3 +75,75 @@ def test_own_tissue_recipe_trains_on_the_shipped_default_and_exports(tmp_path, m
     predictor = OnnxPredictor.from_bundle(bundle)
     predictor.set_image(np.full((128, 128, 3), 200, np.uint8))
     assert predictor.predict(points=np.array([[64.0, 64.0]]), labels=np.array([1])).mask.shape == (128, 128)
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_resume_continues_exactly_and_refuses_another_recipe(tmp_path, capsys):
+    from histosam.backend.cli import main
+
+    data = write_blob_dataset(tmp_path / "mine", n=4)
+    recipe = _recipe(tmp_path, train_data=[str(data)], epochs=2, lr=1e-3, max_extra_clicks=2, train_prompt_encoder=True)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(["train", "--config", str(recipe), "--out", str(straight), "--no-progress"]) == 0
+    assert main(["train", "--config", str(recipe), "--out", str(resumed), "--epochs", "1", "--no-progress"]) == 0
+    assert main(["train", "--config", str(recipe), "--out", str(resumed), "--resume", "--no-progress"]) == 0
+    a, b = _weights(straight / "last.safetensors"), _weights(resumed / "last.safetensors")
+    assert a.keys() == b.keys()
+    # The same clicks, rounds and augmentation variants in epoch 2 whether or not the run stopped after epoch 1.
+    assert all(torch_equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    other = _recipe(tmp_path, train_data=[str(data)], epochs=3, lr=5e-4, max_extra_clicks=2, train_prompt_encoder=False)
+    before = (resumed / "checkpoint.pt").read_bytes()
+    assert main(["train", "--config", str(other), "--out", str(resumed), "--resume", "--no-progress"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another recipe" in err[0] and "lr: 0.001 -> 0.0005" in err[0]
+    assert "train_prompt_encoder: True -> False" in err[0] and "init_weights" in err[0]
+    assert (resumed / "checkpoint.pt").read_bytes() == before
+    # More epochs is what --resume is for.
+    more = _recipe(tmp_path, train_data=[str(data)], epochs=3, lr=1e-3, max_extra_clicks=2, train_prompt_encoder=True)
+    assert main(["train", "--config", str(more), "--out", str(resumed), "--resume", "--no-progress"]) == 0
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+
+    return bool(torch.equal(x, y))
+
+
+def test_bad_runs_fail_before_anything_is_written(tmp_path, capsys):
+    from histosam.backend.cli import main
+
+    data = write_blob_dataset(tmp_path / "mine", n=4)
+    skewed = write_blob_dataset(tmp_path / "skewed", n=2, seed=3)
+    import cv2
+
+    cv2.imwrite(str(skewed / "masks" / "p00.png"), np.full((40, 50), 255, np.uint8))
+    (tmp_path / "empty" / "images").mkdir(parents=True)
+    (tmp_path / "empty" / "masks").mkdir()
+    out = tmp_path / "run"
+    cases = [
+        (["--val-data", str(skewed)], "image is 96x96 but its mask is 50x40"),
+        (["--val-data", str(data / "images" / "p00.png")], "is a file, not a folder"),
+        (["--train-data", str(tmp_path / "empty")], "no patches in"),
+        (["--resume"], "no checkpoint"),
+    ]
+    for extra, message in cases:
+        args = ["train", "--config", str(_recipe(tmp_path)), "--out", str(out), "--no-progress"]
+        if "--train-data" not in extra:
+            args += ["--train-data", str(data)]
+        assert main([*args, *extra]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not out.exists()
+
+
+def test_relative_config_works_from_any_folder(tmp_path, monkeypatch):
+    from histosam.training.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    assert load_config("training/configs/md.yaml").name == "md"

@@ -246,3 +246,14 @@ def test_validation_rows_keep_the_miou_at_the_last_validated_click():
            "obedience": {"positive": 1.0, "negative": 0.5}, "refinement": {"error_closed": None}}
     row = summarise_eval(agg)
     assert row["miou_last"] == 0.45 and row["miou10"] is None
+
+
+def test_config_values_are_typed_or_one_clear_error():
+    cfg = config_from_dict({"lr": "1e-4", "epochs": 3.0, "val_fraction": [0.2, 0.8]})  # YAML 1.1 reads 1e-4 as text
+    assert cfg.lr == 1e-4 and cfg.epochs == 3 and isinstance(cfg.epochs, int) and cfg.val_fraction == (0.2, 0.8)
+    for raw, message in [({"epochs": 1.5}, "whole number"), ({"val_every": 0}, "val_every must be at least 1"),
+                         ({"lr": "fast"}, "lr must be a number"), ({"train_prompt_encoder": "yes"}, "true or false"),
+                         ({"train_data": "a/folder"}, "list of folders"), ({"lr_milestones": ["x"]}, "list of numbers"),
+                         ({"holdout": -1}, "holdout must be >= 0")]:
+        with pytest.raises(InvalidInputError, match=message):
+            config_from_dict(raw)

@@ -78,8 +78,12 @@ class TrainConfig:
     cache_dir: str | None = None  # default: $HISTOSAM_HOME or ~/.cache/histosam, /embeddings
 
     def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise InvalidInputError("epochs and batch_size must be at least 1")
+        for key in ("epochs", "batch_size", "val_every", "val_max_clicks", "num_threads"):
+            if getattr(self, key) < 1:
+                raise InvalidInputError(f"{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("holdout", "seed"):
+            if getattr(self, key) < 0:
+                raise InvalidInputError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.lr <= 0:
             raise InvalidInputError(f"lr must be positive, got {self.lr}")
         if self.max_extra_clicks < 0:
@@ -115,6 +119,8 @@ def resolve_data_path(path: str) -> Path:
     p = Path(path).expanduser()
     if p.is_dir():
         return p
+    if p.exists():
+        raise InvalidInputError(f"data folder {path} is a file, not a folder of images/ and masks/")
     env = os.environ.get("HISTOSAM_DATA")
     if env and "shared/data/" in path:
         alt = Path(env) / path.split("shared/data/", 1)[1]
@@ -123,7 +129,7 @@ def resolve_data_path(path: str) -> Path:
     alt = REPO_ROOT / path
     if alt.is_dir():
         return alt.resolve()
-    raise NotFoundError(f"data folder {path} not found (relative to {Path.cwd()} or {REPO_ROOT})")
+    raise NotFoundError(f"data folder {path} not found{_looked_in()}")
 
 
 def resolve_repo_path(path: str) -> Path:
@@ -133,7 +139,42 @@ def resolve_repo_path(path: str) -> Path:
     for candidate in (p, REPO_ROOT / path):
         if candidate.is_file():
             return candidate
-    raise NotFoundError(f"file {path} not found (relative to {Path.cwd()} or {REPO_ROOT})")
+    raise NotFoundError(f"file {path} not found{_looked_in()}")
+
+
+def _looked_in() -> str:
+    """Where relative paths were tried, each place once."""
+    places = dict.fromkeys(str(p) for p in (Path.cwd(), REPO_ROOT))
+    return f" (relative to {' or '.join(places)})"
+
+
+def _typed(key: str, kind: str, value: Any) -> Any:
+    """``value`` as the field's type, or one clear line: YAML gives ``1e-4`` as a string (YAML 1.1
+    floats need a dot) and ``epochs: 1.5`` as a float, and both used to end in a traceback."""
+    if value is None:
+        if "None" in kind:
+            return None
+        raise InvalidInputError(f"config key {key} needs a value")
+    base = kind.split("|")[0].strip()
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise InvalidInputError(f"config key {key} must be true or false, got {value!r}")
+        return value
+    if base in ("int", "float"):
+        if isinstance(value, bool):
+            raise InvalidInputError(f"config key {key} must be a number, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"config key {key} must be a number, got {value!r}") from None
+        if base == "float":
+            return number
+        if not number.is_integer():
+            raise InvalidInputError(f"config key {key} must be a whole number, got {value!r}")
+        return int(number)
+    if base == "str" and not isinstance(value, str):
+        raise InvalidInputError(f"config key {key} must be text, got {value!r}")
+    return value
 
 
 def config_from_dict(raw: dict[str, Any], validate: bool = True) -> TrainConfig:
@@ -141,10 +182,16 @@ def config_from_dict(raw: dict[str, Any], validate: bool = True) -> TrainConfig:
     unknown = sorted(set(raw) - set(known))
     if unknown:
         raise InvalidInputError(f"unknown config key(s): {', '.join(unknown)}")
-    values = dict(raw)
+    values = {k: _typed(k, str(known[k].type), v) for k, v in raw.items()}
+    for key in ("train_data", "val_data"):
+        if key in values and not (isinstance(values[key], list) and all(isinstance(d, str) for d in values[key])):
+            raise InvalidInputError(f"config key {key} must be a list of folders, got {values[key]!r}")
     for key in ("val_fraction", "lr_milestones", "scale_range"):
         if values.get(key) is not None:
-            values[key] = tuple(values[key])
+            try:
+                values[key] = tuple(float(v) if key != "lr_milestones" else int(v) for v in values[key])
+            except (TypeError, ValueError):
+                raise InvalidInputError(f"config key {key} must be a list of numbers, got {values[key]!r}") from None
     cfg = TrainConfig(**values)
     if validate:
         cfg.validate()
@@ -157,6 +204,8 @@ def load_config(path: str | Path, validate: bool = True) -> TrainConfig:
     import yaml
 
     path = Path(path)
+    if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
+        path = REPO_ROOT / path  # `--config training/configs/X.yaml` from any folder, like the data paths
     if not path.is_file():
         raise NotFoundError(f"config {path} does not exist")
     try:

@@ -31,7 +31,8 @@ def read_pair(rec: PatchRecord) -> tuple[np.ndarray, np.ndarray]:
     if bgr is None or grey is None:
         raise InvalidInputError(f"cannot read patch {rec.stem} ({rec.image_path}, {rec.mask_path})")
     if bgr.shape[:2] != grey.shape:
-        raise InvalidInputError(f"patch {rec.stem}: image {bgr.shape[:2]} and mask {grey.shape} differ")
+        raise InvalidInputError(f"patch {rec.stem}: image is {bgr.shape[1]}x{bgr.shape[0]} but its mask is "
+                                f"{grey.shape[1]}x{grey.shape[0]}")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), grey > 127
 
 
@@ -48,11 +49,14 @@ class Patch:
 
 
 def split_records(cfg: TrainConfig) -> tuple[list[tuple[str, PatchRecord]], list[tuple[str, PatchRecord]]]:
-    """(train, internal holdout): the last ``holdout`` patches (with foreground) of each folder."""
+    """(train, internal holdout): ``holdout`` patches of each folder drawn at random (seeded);
+    none from a folder that has no more patches than that."""
     train, held = [], []
     for folder in cfg.train_data:
         path = resolve_data_path(folder)
         recs = load_patch_dataset(path)
+        if not recs:
+            raise InvalidInputError(f"no patches in {path}: its images/ and masks/ are empty")
         name = path.resolve().name
         rng = np.random.default_rng(cfg.seed)
         order = list(rng.permutation(len(recs)))

@@ -20,6 +20,7 @@ import csv
 import hashlib
 import json
 import os
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -60,6 +61,9 @@ from histosam.training.torch_predictor import TorchPredictor
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.safetensors"
+# What --resume may change: when to stop, the machine's resources, and what is validated.
+RESUME_MAY_CHANGE = frozenset({"name", "epochs", "max_minutes", "num_threads", "cache_dir", "val_data",
+                               "val_fraction", "val_limit", "val_max_clicks", "val_every"})
 LAST = "last.safetensors"
 METRICS = "metrics.csv"
 
@@ -196,11 +200,16 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(out)
         self.resume = resume
+        if resume and not (self.out / CHECKPOINT).is_file():
+            raise CheckpointError(f"--resume: no checkpoint at {self.out / CHECKPOINT}")
         self.progress = progress
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.distributed = self.world > 1
-        torch.set_num_threads(max(1, cfg.num_threads))
+        # num_threads is the run's CPU budget: under torchrun the ranks on one machine share it
+        # (2 ranks x 2 threads on 2 cores ran 4-6x slower per epoch than one process).
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
+        torch.set_num_threads(max(1, cfg.num_threads // max(1, local_world)))
         if self.distributed and not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend=backend)
@@ -237,6 +246,9 @@ class Trainer:
             path = resolve_data_path(folder)
             sel = select_samples([path], cfg.val_fraction, cfg.val_limit)
             self.val_sets[path.resolve().name] = sel.samples
+        for samples in self.val_sets.values():  # now, not after an epoch of training
+            for sample in samples:
+                sample.pair()
         self.step_module = DecodeStep(self.model, cfg.encoder_frozen)
         if self.distributed:
             self.ddp: nn.Module = DistributedDataParallel(self.step_module, find_unused_parameters=True)
@@ -249,11 +261,11 @@ class Trainer:
         self.best: float | None = None  # validation NoC@85 of best.safetensors
         self.best_miou: float | None = None  # its mIoU at the last validated click (tie-break)
         self.history: list[dict[str, Any]] = []
-        self.rng = np.random.default_rng([cfg.seed, self.rank])
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
+        self.rng = np.random.default_rng([cfg.seed, self.rank])  # reseeded per epoch in run()
         if resume:
             self._load_checkpoint()
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
 
     # -- checkpoints --------------------------------------------------------------------------
     def _trainable_state(self) -> dict[str, torch.Tensor]:
@@ -270,6 +282,7 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path} could not be read: {exc}") from None
         if state.get("config", {}).get("decoder") != self.cfg.decoder:
             raise CheckpointError(f"checkpoint {path} was made with another decoder config")
+        self._check_same_recipe(path, state.get("config", {}))
         self.model.load_state_dict(state["model"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -277,6 +290,21 @@ class Trainer:
         self.best = state.get("best")
         self.best_miou = state.get("best_miou")
         self.history = list(state.get("history", []))
+
+    def _check_same_recipe(self, path: Path, saved: dict[str, Any]) -> None:
+        """--resume continues the run it finds; a different recipe (another lr, other trainable
+        parts, other losses) would be silently mixed into it, or fail deep in the optimizer."""
+        now = json.loads(json.dumps(self.cfg.to_dict()))
+        then = json.loads(json.dumps(saved, default=str))
+        changed = sorted(k for k in now.keys() & then.keys() if k not in RESUME_MAY_CHANGE and now[k] != then[k])
+        if changed:
+            diffs = "; ".join(f"{k}: {then[k]!r} -> {now[k]!r}" for k in changed[:4])
+            more = f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""
+            raise CheckpointError(
+                f"checkpoint {path} was made with another recipe ({diffs}{more}); --resume may change only "
+                f"{', '.join(sorted(RESUME_MAY_CHANGE))}. To train on from it with a new recipe, start a new "
+                f"run with init_weights: {path.parent / LAST}"
+            )
 
     def _save_checkpoint(self, epoch: int) -> None:
         state = {
@@ -420,6 +448,9 @@ class Trainer:
 
         cfg = self.cfg
         t_start = time.monotonic()
+        if not self.val_sets and self.rank == 0:
+            print(f"histosam train: warning: no validation set (holdout {cfg.holdout} per training folder "
+                  "leaves none, no val_data): best.safetensors will be the last epoch", file=sys.stderr, flush=True)
         self.fill_cache()
         if self.rank == 0:
             _atomic_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
@@ -429,6 +460,9 @@ class Trainer:
         for epoch in range(self.start_epoch, cfg.epochs):
             set_train_mode(self.model, cfg)
             sampler.set_epoch(epoch)
+            # Clicks, rounds and augmentation variants drawn from a stream of this epoch alone, so a
+            # resumed run draws what an uninterrupted one would have (it replayed epoch 1's before).
+            self.rng = np.random.default_rng([cfg.seed, self.rank, epoch])
             order = list(sampler)
             batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
             if cfg.max_steps_per_epoch:
@@ -444,7 +478,7 @@ class Trainer:
                     stopped = True
                     break
             self.scheduler.step()
-            row: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else None,
+            row: dict[str, Any] = {"epoch": epoch + 1, "loss": self._mean_over_ranks(losses),
                                    "lr": self.optimizer.param_groups[0]["lr"], "seconds": time.monotonic() - t0}
             last_epoch = epoch == cfg.epochs - 1 or stopped
             if self.rank == 0:
@@ -458,6 +492,13 @@ class Trainer:
             if stopped:
                 break
         return {"history": self.history, "best": self.best, "out": str(self.out), "stopped_early": stopped}
+
+    def _mean_over_ranks(self, losses: list[float]) -> float | None:
+        """The epoch's mean loss over every rank's batches (rank 0's alone under DDP before)."""
+        total = torch.tensor([float(np.sum(losses)), float(len(losses))], dtype=torch.float64)
+        if self.distributed:
+            dist.all_reduce(total)
+        return float(total[0] / total[1]) if total[1] > 0 else None
 
     def _agree_stop(self, mine: bool) -> bool:
         if not self.distributed:
@@ -517,7 +558,7 @@ class Trainer:
         ep = [r["epoch"] for r in self.history]
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
         axes[0].plot(ep, [r.get("loss") for r in self.history], "o-")
-        axes[0].set_title("training loss (NFL)")
+        axes[0].set_title("training loss (NFL + IoU-head MSE)")
         axes[0].set_xlabel("epoch")
         for key in sorted({k for r in self.history for k in r if k.endswith("_noc85")}):
             pts = [(r["epoch"], r[key]) for r in self.history if r.get(key) is not None]

@@ -3,7 +3,8 @@
 Fine-tunes a SAM decoder (and more) with simulated clicks; ``--train-data`` / ``--val-data``
 point a shipped recipe (e.g. ``training/configs/own_tissue.yaml``) at a user's own patches.
 
-Works alone or under ``torchrun --nproc_per_node N histosam train ...`` (DDP). Writes into
+Works alone or under ``torchrun --nproc_per_node N -m histosam.backend.cli train ...`` (DDP; torchrun
+wants a script or ``-m module``, not the ``histosam`` console entry). Writes into
 ``--out``: checkpoint.pt (resumable), best.safetensors / last.safetensors (decoder weights for
 ``--decoder-weights`` or the registry), metrics.csv and metrics.png.
 """
