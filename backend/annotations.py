@@ -228,9 +228,10 @@ class LabelMaskAnnotations:
         """Labels the mask holds, read cheaply (see PRESENT_LABELS_MIN_PIXELS for what is missed)."""
         if self._present is None:
             s = self.slide
-            integral = [i for i, d in enumerate(s.level_downsamples) if abs(d - round(d)) < 1e-6] or [0]
+            # Any level: nearest sampling never blends labels, and a mask whose size does not divide
+            # evenly has levels at 3.999x, not 4x (skipping them read gigapixel level 0).
             big = [
-                i for i in integral
+                i for i in range(s.level_count)
                 if s.level_dimensions[i][0] * s.level_dimensions[i][1] >= PRESENT_LABELS_MIN_PIXELS
             ]
             level = max(big, key=lambda i: s.level_downsamples[i]) if big else 0
@@ -238,7 +239,7 @@ class LabelMaskAnnotations:
             d = max(s.level_downsamples[level], math.sqrt(w0 * h0 / PRESENT_LABELS_MAX_PIXELS))
             img = s.read_scaled(
                 0, 0, max(1, math.floor(w0 / d)), max(1, math.floor(h0 / d)), d,
-                interpolation="nearest", channels="rgba", integral_levels_only=True,
+                interpolation="nearest", channels="rgba",
             )
             counts = np.bincount(img[..., self.channel].ravel(), minlength=256)
             self._present = [int(v) for v in np.flatnonzero(counts)]
@@ -257,6 +258,11 @@ class LabelMaskAnnotations:
 
     @property
     def classes(self) -> list[str]:
+        """Every class the mask may hold: the map's names (each is rasterised by its labels, so a
+        class only in regions too small for the coarse presence check is not dropped), else the
+        label values present."""
+        if self.label_map:
+            return sorted(set(self.label_map.values()))
         return list(self._held())
 
     def default_exclusions(self) -> list[str]:
@@ -296,7 +302,8 @@ class LabelMaskAnnotations:
         if malformed:
             raise self._unknown_class_error(malformed)
         wanted = list(dict.fromkeys(wanted))  # "3" and "03" are one class
-        if not excluding and wanted and not held.intersection(wanted):
+        asked = [c for c in wanted if c != "0"]  # background is everywhere: it proves nothing
+        if not excluding and asked and not held.intersection(asked):
             raise self._unknown_class_error(wanted)
         return wanted
 
@@ -318,7 +325,7 @@ class LabelMaskAnnotations:
                 "them, e.g. --label-map 3=tumour 4=tumour 5=tumour --classes tumour, a class that "
                 "needs only one of its labels present"
             )
-        error = _unknown_class_error(self.path, unknown, self.classes)
+        error = _unknown_class_error(self.path, unknown, list(self._held()))
         return InvalidInputError(f"{error} ({note})")
 
     def check_within(self, slide_dimensions: tuple[int, int]) -> None:

@@ -67,25 +67,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"histosam {args.command}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        # `histosam client click ... | head`: the reader left, which is not an error worth a traceback.
-        # Point stdout at /dev/null so the interpreter's final flush does not raise again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141  # 128 + SIGPIPE, what a shell reports for a program the pipe closed on
-    except ModuleNotFoundError as exc:
-        # A serving-only install has no torch: the commands that need it say so in one line.
-        hint = " (pip install 'histosam[torch]')" if exc.name in TORCH_SIDE_MODULES else ""
-        print(f"histosam {args.command}: error: this needs the Python module {exc.name!r}, which is not "
-              f"installed{hint}", file=sys.stderr)
-        return 1
-    except ImportError as exc:  # installed but broken, e.g. torch built for a CUDA library that is missing
-        print(f"histosam {args.command}: error: a module this needs cannot be imported: {exc}", file=sys.stderr)
+    except BrokenPipeError as exc:
+        if _stdout_gone():
+            # `histosam client click ... | head`: the reader left, which is not an error worth a traceback.
+            return 141  # 128 + SIGPIPE, what a shell reports for a program the pipe closed on
+        return _one_line(args.command, exc)  # another pipe or socket: a real error
+    except ImportError as exc:
+        top = (exc.name or "").split(".")[0]
+        if top == "histosam":
+            raise  # our own code failed to import: a bug, whose traceback is the report
+        if isinstance(exc, ModuleNotFoundError):
+            # A serving-only install has no torch: the commands that need it say so in one line.
+            hint = " (pip install 'histosam[torch]')" if top in TORCH_SIDE_MODULES else ""
+            print(f"histosam {args.command}: error: this needs the Python module {top!r}, which is not "
+                  f"installed{hint}", file=sys.stderr)
+        else:  # installed but broken, e.g. torch built for a CUDA library that is missing
+            print(f"histosam {args.command}: error: a module this needs cannot be imported: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         # Unwritable output paths, full disks, folders where files were expected: one line, no traceback.
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"histosam {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
-        return 1
+        return _one_line(args.command, exc)
+
+
+def _one_line(command: str, exc: OSError) -> int:
+    # os.replace(tmp, target) reports the temporary file first: the target (filename2) is the one to name.
+    where = exc.filename2 if getattr(exc, "filename2", None) else exc.filename
+    print(f"histosam {command}: error: {exc.strerror or exc or type(exc).__name__}{f': {where}' if where else ''}",
+          file=sys.stderr)
+    return 1
+
+
+def _stdout_gone() -> bool:
+    """Is standard output a pipe whose reader has left? Then point it at /dev/null, so the
+    interpreter's final flush does not raise again."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        gone = any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
+    except (AttributeError, ValueError, OSError):  # replaced (tests, embedding) or already closed
+        return False
+    if gone:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
+    return gone
 
 
 if __name__ == "__main__":

@@ -237,7 +237,14 @@ def read_region(region: Region) -> np.ndarray:
             raise InvalidInputError(
                 f"slide region origin ({region.x:g}, {region.y:g}) is outside the {w0}x{h0} slide"
             )
-        width, height = min(region.width, w0 - region.x), min(region.height, h0 - region.y)
-        out_w = min(region.out_width, max(1, round(width / region.downsample)))
-        out_h = min(region.out_height, max(1, round(height / region.downsample)))
+        out_w, out_h = region.out_width, region.out_height
+        if region.x + region.width > w0:  # cut: whole output pixels that lie on the slide
+            out_w = min(out_w, math.floor((w0 - region.x) / region.downsample))
+        if region.y + region.height > h0:
+            out_h = min(out_h, math.floor((h0 - region.y) / region.downsample))
+        if out_w < 2 or out_h < 2:
+            raise InvalidInputError(
+                f"slide region origin ({region.x:g}, {region.y:g}) is within {2 * region.downsample:g} px of the "
+                f"{w0}x{h0} slide's edge: under 2 pixels of it would be read at downsample {region.downsample:g}"
+            )
         return slide.read_scaled(region.x, region.y, out_w, out_h, region.downsample)

@@ -652,17 +652,19 @@ def _check_port_free(host: str, port: int, bind: str) -> None:
     if not port:
         return
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
-    except (OSError, IndexError):
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
         return  # gRPC reports unresolvable hosts itself
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise HistosamError(f"cannot listen on {bind}: the address is in use (another server on port {port}?)") from None
+    busy = 0
+    for family, kind, proto, _, address in addresses:  # "localhost" may be ::1 and 127.0.0.1
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                busy += exc.errno == errno.EADDRINUSE
+    if addresses and busy == len(addresses):
+        raise HistosamError(f"cannot listen on {bind}: the address is in use (another server on port {port}?)")
 
 
 @dataclass

@@ -174,9 +174,13 @@ class HistosamSettings {
         if (server.contains('://') || server.startsWith('unix:') || server.startsWith('dns:')) {
             return  // another gRPC target syntax (dns:///host:port, unix:path): grpc-java parses it
         }
-        def m = server =~ /^(.+):(\d+)$/
+        def m = server =~ /^(.+):(\d{1,5})$/
         if (!m.matches() || m.group(1).isEmpty()) {
             throw new HistosamException("histosam: setting server '${server}' ${where} has no port: use HOST:PORT, e.g. ${server}:50051")
+        }
+        String host = m.group(1)
+        if (host.contains(':') && !(host.startsWith('[') && host.endsWith(']'))) {
+            throw new HistosamException("histosam: setting server '${server}' ${where}: an IPv6 address needs brackets, e.g. [::1]:50051")
         }
         int port = m.group(2) as int
         if (port < 1 || port > 65535) {

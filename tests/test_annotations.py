@@ -216,10 +216,13 @@ def test_synthetic_label_mask_at_half_the_slide_resolution(tmp_path):
     with pytest.raises(InvalidInputError, match=r"unknown class '9'; this file has: '1', '3' \(labels present: 0, 1, 3"):
         plain.check_classes(["9"])
     assert plain.check_classes(["3", "9"]) == ["3", "9"]
+    with pytest.raises(InvalidInputError, match="unknown classes '9', '0'"):  # background proves nothing
+        plain.check_classes(["9", "0"])
     assert plain.check_classes(["7"], excluding=True) == ["7"]  # excluding what is absent is harmless
     assert ann.check_classes(["tumour", "benign"]) == ["tumour", "benign"]
     partly = load_annotations(path, label_map={3: "tumour", 5: "tumour", 9: "necrosis"})
-    assert partly.classes == ["tumour"] and partly.labels_of(["tumour"]) == [3, 5]
+    # Every map name is a class (a class only in specks too small for the presence check is kept).
+    assert partly.classes == ["necrosis", "tumour"] and partly.labels_of(["tumour"]) == [3, 5]
     assert partly.check_classes(["tumour"]) == ["tumour"]  # one of its labels is enough
     with pytest.raises(InvalidInputError, match=r"unknown class 'necrosis'; this file has: 'tumour' .*'necrosis' is label 9"):
         partly.check_classes(["necrosis"])
@@ -267,7 +270,7 @@ def test_label_channel_chooses_where_the_labels_are(tmp_path):
     green.check_within((256, 256))
     assert green.rasterise(0, 0, 64, 64, 4.0, ["tumour"]).sum() == 25 * 15
     red = load_annotations(path, label_channel=0, label_map={4: "tumour"})
-    assert red.classes == []
+    assert red.classes == ["tumour"]  # the map's names; that none of them is in this channel is what check_classes says
     with pytest.raises(InvalidInputError, match=r"this file has: no classes \(label map 4=tumour; labels present: 0;"):
         red.check_classes(["tumour"])
 

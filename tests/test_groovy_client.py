@@ -192,6 +192,8 @@ def results(groovy_env, server, silent_server, images, tmp_path_factory) -> dict
     (spread_dir / "histosam.properties").write_text("propagation = sometimes\n")
     url_dir = tmp_path_factory.mktemp("url_settings")
     (url_dir / "histosam.properties").write_text("server = http://127.0.0.1:50051\n")
+    v6_dir = tmp_path_factory.mktemp("v6_settings")
+    (v6_dir / "histosam.properties").write_text("server = ::1\n")
     portless_dir = tmp_path_factory.mktemp("portless_settings")
     (portless_dir / "histosam.properties").write_text("server = 127.0.0.1\n")
     nan_dir = tmp_path_factory.mktemp("nan_settings")
@@ -214,6 +216,8 @@ def results(groovy_env, server, silent_server, images, tmp_path_factory) -> dict
         {"name": "settings_bad_propagation", "kind": "settings", "script_dir": str(spread_dir),
          "sys": {"user.home": str(home)}},
         {"name": "settings_server_url", "kind": "settings", "script_dir": str(url_dir), "sys": {"user.home": str(home)}},
+        {"name": "settings_server_bare_ipv6", "kind": "settings", "script_dir": str(v6_dir),
+         "sys": {"user.home": str(home)}},
         {"name": "settings_server_no_port", "kind": "settings", "script_dir": str(portless_dir),
          "sys": {"user.home": str(home)}},
         {"name": "settings_propagation_on", "kind": "settings", "script_dir": str(home),
@@ -309,6 +313,8 @@ def test_settings_errors_name_the_problem(results):
     assert not url["ok"] and "must be HOST:PORT (e.g. 127.0.0.1:50051), not a URL" in url["error"]
     portless = results["settings_server_no_port"]
     assert not portless["ok"] and "has no port: use HOST:PORT, e.g. 127.0.0.1:50051" in portless["error"]
+    v6 = results["settings_server_bare_ipv6"]
+    assert not v6["ok"] and "needs brackets, e.g. [::1]:50051" in v6["error"]
     assert check(results, "settings_propagation_on")["propagation"] == "PROPAGATION_ON"
     assert check(results, "settings_propagation_auto")["propagation"] == "PROPAGATION_AUTO"
     assert check(results, "settings_defaults")["propagation"] == "PROPAGATION_SERVER_DEFAULT"

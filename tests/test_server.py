@@ -697,6 +697,9 @@ def test_slide_region_comes_back_in_level0_coordinates(stub, server, data_dir):
     tiny = pb.SlideRegion(slide_path=CMU, x=0, y=0, width=1000, height=1000, downsample=10_000)
     code, details = status_of(stub.OpenImage, pb.OpenImageRequest(slide_region=tiny))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "use a smaller downsample" in details
+    sliver = pb.SlideRegion(slide_path=CMU, x=s.dimensions[0] - 3, y=0, width=100, height=100, downsample=2)
+    code, details = status_of(stub.OpenImage, pb.OpenImageRequest(slide_region=sliver))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "under 2 pixels of it would be read" in details
     # A region reaching past the right and bottom edges is cut there: no mask over the glass beyond.
     w0, h0 = s.dimensions
     edge = pb.SlideRegion(slide_path=CMU, x=w0 - 400, y=h0 - 200, width=1000, height=1000, downsample=2)

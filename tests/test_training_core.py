@@ -254,6 +254,8 @@ def test_config_values_are_typed_or_one_clear_error():
     for raw, message in [({"epochs": 1.5}, "whole number"), ({"val_every": 0}, "val_every must be at least 1"),
                          ({"lr": "fast"}, "lr must be a number"), ({"train_prompt_encoder": "yes"}, "true or false"),
                          ({"train_data": "a/folder"}, "list of folders"), ({"lr_milestones": ["x"]}, "list of numbers"),
-                         ({"holdout": -1}, "holdout must be >= 0")]:
+                         ({"holdout": -1}, "holdout must be >= 0"), ({"scale_range": [0.6]}, "two numbers"),
+                         ({"lr": "nan"}, "finite"), ({"lr_milestones": [20.7]}, "whole epochs"),
+                         ({"decoder": "stock"}, "mapping")]:
         with pytest.raises(InvalidInputError, match=message):
             config_from_dict(raw)

@@ -166,7 +166,8 @@ def test_export_names_a_fine_tune_after_its_folder_unless_told(tmp_path, tiny_mo
     (tmp_path / "a_file").write_text("x")
     for extra, message in ((["--out", str(tmp_path / "a_file")], "not a folder"),
                            (["--out", str(tmp_path / "a_file" / "sub")], "cannot be created"),
-                           (["--name", "a/b", "--out", str(tmp_path / "b4")], "--name")):
+                           (["--name", "a/b", "--out", str(tmp_path / "b4")], "--name"),
+                           (["--out", str(tmp_path / "default")], "'default' is how clients ask")):
         assert main([*base, "--decoder-weights", str(weights), *extra]) != 0
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err

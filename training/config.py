@@ -7,6 +7,7 @@ from its YAML alone; the trainer writes the resolved config beside its checkpoin
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,6 +168,8 @@ def _typed(key: str, kind: str, value: Any) -> Any:
             number = float(value)
         except (TypeError, ValueError):
             raise InvalidInputError(f"config key {key} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise InvalidInputError(f"config key {key} must be a finite number, got {value!r}")
         if base == "float":
             return number
         if not number.is_integer():
@@ -174,6 +177,8 @@ def _typed(key: str, kind: str, value: Any) -> Any:
         return int(number)
     if base == "str" and not isinstance(value, str):
         raise InvalidInputError(f"config key {key} must be text, got {value!r}")
+    if base.startswith("dict") and not isinstance(value, dict):
+        raise InvalidInputError(f"config key {key} must be a mapping, e.g. {{variant: stock}}, got {value!r}")
     return value
 
 
@@ -188,10 +193,16 @@ def config_from_dict(raw: dict[str, Any], validate: bool = True) -> TrainConfig:
             raise InvalidInputError(f"config key {key} must be a list of folders, got {values[key]!r}")
     for key in ("val_fraction", "lr_milestones", "scale_range"):
         if values.get(key) is not None:
+            whole = key == "lr_milestones"
             try:
-                values[key] = tuple(float(v) if key != "lr_milestones" else int(v) for v in values[key])
+                numbers = tuple(float(v) for v in values[key])
             except (TypeError, ValueError):
                 raise InvalidInputError(f"config key {key} must be a list of numbers, got {values[key]!r}") from None
+            if key != "lr_milestones" and len(numbers) != 2:
+                raise InvalidInputError(f"config key {key} must be two numbers [lo, hi], got {values[key]!r}")
+            if whole and not all(n.is_integer() for n in numbers):
+                raise InvalidInputError(f"config key {key} must be whole epochs, got {values[key]!r}")
+            values[key] = tuple(int(n) for n in numbers) if whole else numbers
     cfg = TrainConfig(**values)
     if validate:
         cfg.validate()

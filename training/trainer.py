@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
-from histosam.backend.errors import CheckpointError, InvalidInputError
+from histosam.backend.errors import CheckpointError, HistosamError, InvalidInputError
 from histosam.backend.evaluation import (
     EvalConfig,
     EvalSample,
@@ -282,20 +282,25 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path} could not be read: {exc}") from None
         if state.get("config", {}).get("decoder") != self.cfg.decoder:
             raise CheckpointError(f"checkpoint {path} was made with another decoder config")
-        self._check_same_recipe(path, state.get("config", {}))
+        revalidated = self._check_same_recipe(path, state.get("config", {}))
         self.model.load_state_dict(state["model"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.start_epoch = int(state["epoch"]) + 1
         self.best = state.get("best")
         self.best_miou = state.get("best_miou")
+        if revalidated:  # scores on other validation patches do not compare: the next validation sets best
+            self.best = self.best_miou = None
         self.history = list(state.get("history", []))
 
-    def _check_same_recipe(self, path: Path, saved: dict[str, Any]) -> None:
+    def _check_same_recipe(self, path: Path, saved: dict[str, Any]) -> bool:
         """--resume continues the run it finds; a different recipe (another lr, other trainable
-        parts, other losses) would be silently mixed into it, or fail deep in the optimizer."""
+        parts, other losses) would be silently mixed into it, or fail deep in the optimizer.
+        True when what is validated changed (then best-checkpoint scores start afresh)."""
         now = json.loads(json.dumps(self.cfg.to_dict()))
         then = json.loads(json.dumps(saved, default=str))
+        for cfg in (now, then):  # the same folders spelled differently are the same data
+            cfg["train_data"] = [_same_folder(d) for d in cfg.get("train_data", [])]
         changed = sorted(k for k in now.keys() & then.keys() if k not in RESUME_MAY_CHANGE and now[k] != then[k])
         if changed:
             diffs = "; ".join(f"{k}: {then[k]!r} -> {now[k]!r}" for k in changed[:4])
@@ -305,6 +310,8 @@ class Trainer:
                 f"{', '.join(sorted(RESUME_MAY_CHANGE))}. To train on from it with a new recipe, start a new "
                 f"run with init_weights: {path.parent / LAST}"
             )
+        validated = ("val_data", "val_fraction", "val_limit", "val_max_clicks")
+        return any(now.get(k) != then.get(k) for k in validated if k in now and k in then)
 
     def _save_checkpoint(self, epoch: int) -> None:
         state = {
@@ -495,15 +502,17 @@ class Trainer:
 
     def _mean_over_ranks(self, losses: list[float]) -> float | None:
         """The epoch's mean loss over every rank's batches (rank 0's alone under DDP before)."""
-        total = torch.tensor([float(np.sum(losses)), float(len(losses))], dtype=torch.float64)
+        # On self.device: nccl reduces CUDA tensors only (a CPU tensor fails there; gloo takes both).
+        total = torch.tensor([float(np.sum(losses)), float(len(losses))], dtype=torch.float64, device=self.device)
         if self.distributed:
             dist.all_reduce(total)
+        total = total.cpu()
         return float(total[0] / total[1]) if total[1] > 0 else None
 
     def _agree_stop(self, mine: bool) -> bool:
         if not self.distributed:
             return mine
-        flag = torch.tensor([1.0 if mine else 0.0])
+        flag = torch.tensor([1.0 if mine else 0.0], device=self.device)  # nccl: CUDA tensors only
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -577,6 +586,13 @@ class Trainer:
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _same_folder(folder: str) -> str:
+    try:
+        return str(resolve_data_path(folder).resolve())
+    except HistosamError:
+        return folder
 
 
 def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True, **kwargs) -> dict[str, Any]:

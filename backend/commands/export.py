@@ -48,10 +48,14 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise InvalidInputError(f"--out {args.out} cannot be created: {exc.strerror or exc}") from None
     source = resolve_source(args.model, args.checkpoint, args.decoder_weights)
-    name = args.name or (args.out.resolve().name if args.decoder_weights else None)
+    name = args.name.strip() if args.name is not None else (args.out.resolve().name if args.decoder_weights else None)
     if name is not None:
-        if not name.strip() or any(c in name for c in "/\\\n"):
-            raise InvalidInputError(f"--name {name!r}: give a non-empty name without slashes or newlines")
+        flag = "--name" if args.name is not None else f"--out {args.out} (its folder name names the bundle)"
+        if not name or any(c in name for c in "/\\\n"):
+            raise InvalidInputError(f"{flag}: give a non-empty name without slashes or newlines (--name NAME)")
+        if name == "default":
+            raise InvalidInputError(f"{flag}: 'default' is how clients ask for the server's default model; "
+                                    "choose another name (--name NAME)")
         source = {**source, "name": name}
     manifest = export_bundle(source, args.out, opset=args.opset, quantize=args.quantize, check=not args.no_check)
     print(f"wrote {args.out} ({manifest['model']}, opset {args.opset}, quantize={args.quantize})")
