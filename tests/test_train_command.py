@@ -147,3 +147,23 @@ def test_relative_config_works_from_any_folder(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     assert load_config("training/configs/md.yaml").name == "md"
+
+
+def test_resume_on_other_validation_patches_restarts_the_best_checkpoint(tmp_path):
+    """Scores on other validation patches do not compare with the old best: selection starts afresh."""
+    import dataclasses
+
+    from histosam.backend.cli import main
+    from histosam.training.config import load_config
+    from histosam.training.trainer import Trainer
+
+    data = write_blob_dataset(tmp_path / "mine", n=3)
+    first, second = write_blob_dataset(tmp_path / "val_a", n=2, seed=5), write_blob_dataset(tmp_path / "val_b", n=2, seed=6)
+    out = tmp_path / "run"
+    recipe = _recipe(tmp_path, train_data=[str(data)], epochs=2, val_max_clicks=2)
+    assert main(["train", "--config", str(recipe), "--val-data", str(first), "--epochs", "1", "--out", str(out),
+                 "--no-progress"]) == 0
+    cfg = load_config(recipe)
+    same = Trainer(dataclasses.replace(cfg, val_data=[str(first)]), out, resume=True, progress=False)
+    other = Trainer(dataclasses.replace(cfg, val_data=[str(second)]), out, resume=True, progress=False)
+    assert same.best is not None and other.best is None and other.best_miou is None
