@@ -35,10 +35,9 @@ server and the evaluator's wrapper both call ``snap_mask``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import cv2
 import numpy as np
@@ -49,7 +48,7 @@ from scipy.sparse.linalg import spsolve
 
 from histosam.backend.errors import InvalidInputError
 from histosam.backend.predictor import Prediction, Predictor
-from histosam.backend.settings_file import load_settings, settings_from_mapping
+from histosam.backend.settings_file import SettingsFile
 from histosam.backend.transforms import LOW_RES, validate_rgb
 
 DEFAULT_CONFIG = Path(__file__).with_name("edge_snap.yaml")
@@ -57,8 +56,13 @@ EDGE_FLOOR = 1e-6  # keeps every band pixel connected to a pinned one (a flat is
 
 
 @dataclass(frozen=True)
-class EdgeSnapSettings:
+class EdgeSnapSettings(SettingsFile):
     """How far and how hard the edge snaps. Defaults live in ``edge_snap.yaml`` beside this module."""
+
+    WHAT: ClassVar[str] = "edge-snap"
+    DEFAULT_CONFIG: ClassVar[Path] = DEFAULT_CONFIG
+    INT_FIELDS: ClassVar[tuple[str, ...]] = ("working_side",)
+    ZERO_ALLOWED: ClassVar[tuple[str, ...]] = ("smoothing",)
 
     band: float = 3.0  # half-width of the re-decided band around the model's edge, low-res pixels
     beta: float = 5.0  # colour-edge contrast (larger: the edge follows strong colour changes only)
@@ -67,21 +71,9 @@ class EdgeSnapSettings:
     click_radius: float = 5.0  # pinned disk around each click, full-resolution pixels
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and (value > 0 or (f.name == "smoothing" and value == 0))):
-                raise InvalidInputError(f"edge-snap setting {f.name} must be a positive number, got {value!r}")
+        self.check_positive()
         if self.working_side < 16:
             raise InvalidInputError(f"edge-snap working_side must be at least 16, got {self.working_side}")
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> EdgeSnapSettings:
-        return settings_from_mapping(cls, data, "edge-snap", int_fields=("working_side",))
-
-    @classmethod
-    def load(cls, path: str | Path | None = None) -> EdgeSnapSettings:
-        """Settings from a YAML mapping (``None``: the shipped defaults)."""
-        return load_settings(cls, path if path is not None else DEFAULT_CONFIG, "edge-snap", int_fields=("working_side",))
 
 
 def working_lab(image: np.ndarray, settings: EdgeSnapSettings) -> np.ndarray:

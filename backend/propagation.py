@@ -43,10 +43,9 @@ predictors use it, so what ``histosam evaluate`` measures is what a click return
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import cv2
 import numpy as np
@@ -55,7 +54,7 @@ from scipy.sparse.linalg import splu
 
 from histosam.backend.errors import InvalidInputError
 from histosam.backend.predictor import Prediction, Predictor
-from histosam.backend.settings_file import load_settings, settings_from_mapping
+from histosam.backend.settings_file import SettingsFile
 from histosam.backend.transforms import LOW_RES, ImageTransform, validate_rgb
 
 DEFAULT_CONFIG = Path(__file__).with_name("propagation.yaml")
@@ -65,8 +64,12 @@ PRIOR_FLOOR = 1e-4  # keeps the system definite where the model is undecided (p 
 
 
 @dataclass(frozen=True)
-class PropagationSettings:
+class PropagationSettings(SettingsFile):
     """How strongly clicks spread. Defaults live in ``propagation.yaml`` beside this module."""
+
+    WHAT: ClassVar[str] = "propagation"
+    DEFAULT_CONFIG: ClassVar[Path] = DEFAULT_CONFIG
+    INT_FIELDS: ClassVar[tuple[str, ...]] = ("working_side",)
 
     gamma: float = 0.003  # prior weight at full model confidence (smaller: clicks spread further)
     beta: float = 5.0  # edge contrast (larger: colour edges stop the spread harder)
@@ -76,23 +79,11 @@ class PropagationSettings:
     auto_confidence: float = 0.05  # "auto" propagates when the first step's mean |2p - 1| is below this
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise InvalidInputError(f"propagation setting {f.name} must be a positive number, got {value!r}")
+        self.check_positive()
         if self.auto_confidence > 1:
             raise InvalidInputError(f"propagation auto_confidence is a mean |2p - 1|, at most 1, got {self.auto_confidence}")
         if self.working_side < 8:
             raise InvalidInputError(f"propagation working_side must be at least 8, got {self.working_side}")
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> PropagationSettings:
-        return settings_from_mapping(cls, data, "propagation", int_fields=("working_side",))
-
-    @classmethod
-    def load(cls, path: str | Path | None = None) -> PropagationSettings:
-        """Settings from a YAML mapping (``None``: the shipped defaults)."""
-        return load_settings(cls, path if path is not None else DEFAULT_CONFIG, "propagation", int_fields=("working_side",))
 
 
 def _probability(logits: np.ndarray, temperature: float) -> np.ndarray:

@@ -7,10 +7,11 @@ missing file) into one clear line naming the file's kind, never a traceback.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from histosam.backend.errors import InvalidInputError, NotFoundError
 
@@ -49,3 +50,31 @@ def load_settings(cls: type[T], path: str | Path, what: str, int_fields: tuple[s
     if not isinstance(data, Mapping):
         raise InvalidInputError(f"{what} config {path} must be a mapping of settings")
     return settings_from_mapping(cls, data, what, int_fields)
+
+
+class SettingsFile:
+    """What a settings dataclass shares: loading from its YAML file or a mapping, and the check
+    that every value is a positive finite number. Subclasses set ``WHAT`` (the name errors use),
+    ``DEFAULT_CONFIG`` (the shipped YAML), ``INT_FIELDS`` and ``ZERO_ALLOWED``."""
+
+    WHAT: ClassVar[str]
+    DEFAULT_CONFIG: ClassVar[Path]
+    INT_FIELDS: ClassVar[tuple[str, ...]] = ()
+    ZERO_ALLOWED: ClassVar[tuple[str, ...]] = ()  # fields for which 0 means "none"
+
+    def check_positive(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            ok = isinstance(value, (int, float)) and math.isfinite(value)
+            if not (ok and (value > 0 or (value == 0 and f.name in self.ZERO_ALLOWED))):
+                raise InvalidInputError(f"{self.WHAT} setting {f.name} must be a positive number, got {value!r}")
+
+    @classmethod
+    def from_mapping(cls: type[T], data: Mapping[str, Any]) -> T:
+        return settings_from_mapping(cls, data, cls.WHAT, int_fields=cls.INT_FIELDS)  # type: ignore[attr-defined]
+
+    @classmethod
+    def load(cls: type[T], path: str | Path | None = None) -> T:
+        """Settings from a YAML mapping (``None``: the shipped defaults)."""
+        source = path if path is not None else cls.DEFAULT_CONFIG  # type: ignore[attr-defined]
+        return load_settings(cls, source, cls.WHAT, int_fields=cls.INT_FIELDS)  # type: ignore[attr-defined]
