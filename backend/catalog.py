@@ -41,6 +41,10 @@ SHIPPED_EDGE_SNAP: dict[str, bool] = {
 }
 # What `histosam serve` and `histosam export` use when no model is named.
 DEFAULT_MODEL = "lite_medsam_histo"
+# Click propagation (histosam.backend.propagation) for a click that does not choose, in
+# `histosam serve` and so in `histosam evaluate` and QuPath's `propagation = server`: chosen on
+# tumour regions first, glands beside (training/weights/MODEL_CARD.md, "Tumour regions").
+SERVED_PROPAGATION = "auto"
 
 
 def shipped_dir() -> Path:

@@ -20,7 +20,7 @@ click prefixes.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from histosam.backend.metrics import (
     threshold_key,
 )
 from histosam.backend.predictor import Predictor
+from histosam.backend.splits import DatasetSplit, check_part, in_part, load_splits
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 PARITY_FLAG_FRACTION = 0.02  # more samples than this with a different NoC flags the bundle
@@ -192,12 +193,18 @@ def select_samples(
     folders: Sequence[str | Path],
     fraction: tuple[float, float] | None = None,
     limit: int | None = None,
+    part: str = "all",
+    splits: Mapping[str, DatasetSplit] | None = None,
 ) -> SampleSelection:
     """Load every folder, drop empty masks, keep ``lo <= foreground fraction <= hi``.
 
     ``limit`` caps each folder separately (its first N kept samples, in file order), so a
-    quick run over several datasets still sees all of them.
+    quick run over several datasets still sees all of them. ``part`` keeps the training or
+    validation members of the folders ``splits`` (default: the shipped splits.yaml) names.
     """
+    check_part(part)
+    if part != "all" and splits is None:
+        splits = load_splits()
     if fraction is not None:
         lo, hi = fraction
         if not (0.0 <= lo <= hi <= 1.0):
@@ -212,6 +219,9 @@ def select_samples(
     chosen: list[EvalSample] = []
     for folder in folders:
         found = load_samples(folder)
+        if part != "all":
+            dataset = Path(folder).resolve().name
+            found = [smp for smp in found if in_part(dataset, smp.name, part, splits or {})]
         kept_here = [
             s
             for s in found

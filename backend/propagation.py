@@ -52,6 +52,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import splu
 
+from histosam.backend.catalog import SERVED_PROPAGATION
 from histosam.backend.errors import InvalidInputError
 from histosam.backend.predictor import Prediction, Predictor
 from histosam.backend.settings_file import SettingsFile
@@ -59,6 +60,7 @@ from histosam.backend.transforms import LOW_RES, ImageTransform, validate_rgb
 
 DEFAULT_CONFIG = Path(__file__).with_name("propagation.yaml")
 MODES = ("off", "on", "auto")  # when clicks propagate (see "When" above)
+SERVED_DEFAULT = SERVED_PROPAGATION  # what a click that does not choose gets from `histosam serve`
 PIN_WEIGHT = 1e4  # pins a clicked pixel: far above any edge weight (<= 1) or prior weight
 PRIOR_FLOOR = 1e-4  # keeps the system definite where the model is undecided (p = 0.5)
 
@@ -69,7 +71,8 @@ class PropagationSettings(SettingsFile):
 
     WHAT: ClassVar[str] = "propagation"
     DEFAULT_CONFIG: ClassVar[Path] = DEFAULT_CONFIG
-    INT_FIELDS: ClassVar[tuple[str, ...]] = ("working_side",)
+    INT_FIELDS: ClassVar[tuple[str, ...]] = ("working_side", "auto_ignored_clicks")
+    ZERO_ALLOWED: ClassVar[tuple[str, ...]] = ("auto_ignored_clicks",)
 
     gamma: float = 0.003  # prior weight at full model confidence (smaller: clicks spread further)
     beta: float = 5.0  # edge contrast (larger: colour edges stop the spread harder)
@@ -77,6 +80,8 @@ class PropagationSettings(SettingsFile):
     working_side: int = 160  # longest side of the copy the walker runs on, pixels
     click_radius: float = 5.0  # pinned disk around each click, full-resolution pixels
     auto_confidence: float = 0.05  # "auto" propagates when the first step's mean |2p - 1| is below this
+    # ... or once this many correction clicks were ignored by the model (0: never for that reason)
+    auto_ignored_clicks: int = 1
 
     def __post_init__(self) -> None:
         self.check_positive()
@@ -99,6 +104,41 @@ def model_confidence(low_res: np.ndarray, transform: ImageTransform, hw: tuple[i
     lh, lw = transform.low_res_shape(*hw)
     valid = np.asarray(low_res, np.float32).reshape(LOW_RES, LOW_RES)[:lh, :lw]
     return float(np.mean(np.abs(2.0 * _probability(valid, temperature) - 1.0)))
+
+
+def click_ignored(low_res: np.ndarray, transform: ImageTransform, hw: tuple[int, int],
+                  point: np.ndarray, label: int) -> bool:
+    """Does the model's answer contradict ``point`` at the point itself (its mask, as a user
+    sees it, gives the pixel the other label)?
+
+    "auto" propagation's evidence of a confident wrong answer: a model that is sure of a wrong
+    region looks confident to ``model_confidence`` but ignores the click that corrects it.
+    Read on the low-res logits (dilated like ``ImageTransform.mask_from_logits``) at the
+    point's low-res pixel, so it costs nothing beside the decoder.
+    """
+    h, w = hw
+    lh, lw = transform.low_res_shape(h, w)
+    x, y = float(point[0]), float(point[1])
+    if label not in (0, 1) or not (math.isfinite(x) and math.isfinite(y)):
+        return False
+    col = int(min(lw - 1, max(0, x * lw / w)))
+    row = int(min(lh - 1, max(0, y * lh / h)))
+    logits = np.asarray(low_res, np.float32).reshape(LOW_RES, LOW_RES)
+    d = transform.mask_dilation
+    value = logits[max(0, row - d):row + d + 1, max(0, col - d):col + d + 1].max() if d else logits[row, col]
+    return bool(value > 0) != bool(label == 1)
+
+
+def auto_propagates(first_confidence: float, ignored_clicks: int, settings: PropagationSettings) -> bool:
+    """"auto": spread the clicks on this image? Yes when the model was unsure of its first answer,
+    or once it has ignored ``auto_ignored_clicks`` correction clicks (a confident wrong answer).
+
+    Both tests only look back, so the choice is a function of the click history: the same
+    clicks always get the same kind of answer, and once on it stays on for the session.
+    """
+    if first_confidence < settings.auto_confidence:
+        return True
+    return settings.auto_ignored_clicks > 0 and ignored_clicks >= settings.auto_ignored_clicks
 
 
 def check_mode(mode: str) -> str:
@@ -286,26 +326,47 @@ class PropagatingPredictor:
         self.mode = mode
         self.name = f"{getattr(inner, 'name', 'model')}+{'auto-' if mode == 'auto' else ''}propagation"
         self._graph: ImageGraph | None = None
-        self._decided: dict[bytes, bool] = {}  # auto: first step's prompt -> propagate?
+        self._confidence: dict[bytes, float] = {}  # auto: first step's prompt -> its confidence
+        self._ignored: dict[bytes, int] = {}  # auto: prompt prefix -> correction clicks ignored so far
 
     def set_image(self, image: np.ndarray) -> None:
         self.inner.set_image(image)
         self._graph = ImageGraph.from_image(image, self.settings)
-        self._decided.clear()
+        self._confidence.clear()
+        self._ignored.clear()
 
-    def _first_step_unsure(self, points: np.ndarray, labels: np.ndarray, box: np.ndarray | None,
-                           answer: Prediction, n: int) -> bool:
-        """auto: is the model unsure of the image, judged by its answer to the first step?"""
+    @staticmethod
+    def _key(points: np.ndarray, labels: np.ndarray, box: np.ndarray | None) -> bytes:
+        return (np.asarray(points, np.float64).tobytes() + b"|" + np.asarray(labels, np.int64).tobytes()
+                + (b"" if box is None else np.asarray(box, np.float64).tobytes()))
+
+    def _first_confidence(self, points: np.ndarray, labels: np.ndarray, box: np.ndarray | None,
+                          answer: Prediction, n: int) -> float:
+        """auto: the model's confidence in its answer to the prompt's first step."""
         first = 0 if box is not None else 1
-        key = np.asarray(points, np.float64)[:first].tobytes() + np.asarray(labels)[:first].tobytes() + (
-            b"" if box is None else np.asarray(box, np.float64).tobytes())
-        if key not in self._decided:
+        key = self._key(points[:first], labels[:first], box)
+        if key not in self._confidence:
             if n != first:  # the first step was not asked for on its own: answer it now
                 answer = self.inner.predict(points=points[:first], labels=labels[:first], box=box, mask_logits=None)
-            confidence = model_confidence(answer.low_res_logits, self.transform, self._graph.full_hw,
-                                          self.settings.temperature)
-            self._decided[key] = confidence < self.settings.auto_confidence
-        return self._decided[key]
+            self._confidence[key] = model_confidence(answer.low_res_logits, self.transform, self._graph.full_hw,
+                                                     self.settings.temperature)
+        return self._confidence[key]
+
+    def _ignored_clicks(self, points: np.ndarray, labels: np.ndarray, box: np.ndarray | None,
+                        answer: Prediction, n: int) -> int:
+        """auto: how many correction clicks of this prompt the model's answers ignored.
+
+        Counted as the evaluator (and a user) clicks, one step at a time; a prompt whose
+        shorter prefix was never asked for counts only its newest click.
+        """
+        first = 0 if box is not None else 1
+        before = self._ignored.get(self._key(points[:n - 1], labels[:n - 1], box), 0) if n - 1 > first else 0
+        now = before
+        if n > first:
+            now += click_ignored(answer.low_res_logits, self.transform, self._graph.full_hw,
+                                 points[n - 1], int(labels[n - 1]))
+        self._ignored[self._key(points, labels, box)] = now
+        return now
 
     def predict(
         self,
@@ -322,7 +383,9 @@ class PropagatingPredictor:
             return p
         points = np.asarray(points, np.float64).reshape(-1, 2)
         labels = np.asarray(labels).reshape(-1)
-        if self.mode == "auto" and not self._first_step_unsure(points, labels, box, p, n):
-            return p
+        if self.mode == "auto":
+            confidence = self._first_confidence(points, labels, box, p, n)
+            if not auto_propagates(confidence, self._ignored_clicks(points, labels, box, p, n), self.settings):
+                return p
         mask = self._graph.refine(p.low_res_logits, self.transform, points, labels)
         return Prediction(mask=mask, low_res_logits=p.low_res_logits, iou=p.iou)

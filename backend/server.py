@@ -54,9 +54,12 @@ from histosam.backend.image_sources import (
 )
 from histosam.backend.models import LoadedModel, ModelStore, default_bundle_path, discover_bundles
 from histosam.backend.propagation import (
+    SERVED_DEFAULT,
     ImageGraph,
     PropagationSettings,
+    auto_propagates,
     check_mode,
+    click_ignored,
     model_confidence,
 )
 from histosam.backend.sessions import (
@@ -66,6 +69,7 @@ from histosam.backend.sessions import (
     Prompt,
     Session,
     SessionStore,
+    StepResult,
 )
 from histosam.backend.transforms import mask_to_prompt_logits
 from histosam.backend.wire import EncodedReply, encode_polygons, serialize_reply
@@ -144,11 +148,11 @@ class ServerSettings:
     # Click propagation (backend/propagation.py): the model's mask as the prior of a
     # click-seeded random walker, so a click spreads over its colour region. This is what a
     # Click gets when it does not choose (ClickRequest.propagation); every click may choose.
-    # "off", "on" or "auto" (propagate where the model is unsure); true / false mean on / off.
-    # Off by default: it wins on tumour regions with soft borders (OCDC) and loses on glands
-    # (GlaS, the validation set that picks defaults); see the model card. Settings from
+    # "off", "on" or "auto" (propagate once the model is unsure of the image or ignores a
+    # correction click); true / false mean on / off. The default (catalog.SERVED_PROPAGATION)
+    # was chosen on tumour regions first, glands beside; see the model card. Settings from
     # ``propagation_config`` (a YAML file), else the shipped propagation.yaml.
-    propagation: str = "off"
+    propagation: str = SERVED_DEFAULT
     propagation_config: Path | None = None
     # Edge snapping (backend/edge_snap.py): the model's mask edge moved onto the image's colour
     # edge within a thin band. "model" (default): for the models whose bundle asks for it (the
@@ -443,19 +447,20 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
             "PROPAGATION_OFF (2), PROPAGATION_AUTO (3)"
         )
 
-    def _unsure_at_first_step(self, prompt: Prompt, session: Session, decode) -> bool:
-        """auto: the model's answer to the prompt's first step (first point, or the box) is unsure.
+    def _auto_propagates(self, prompt: Prompt, session: Session, decode, judge, result: StepResult) -> bool:
+        """auto: was the model unsure of its answer to the prompt's first step (first point, or
+        the box), or has it ignored correction clicks since (``propagation.auto_propagates``)?
 
-        Judged on the first step so that a session does not switch between the two kinds of
-        answer as clicks make the model surer; from the history, so it costs nothing.
+        Both read the history (the first step's logits, the chain's count of ignored clicks),
+        so it costs nothing beside the decoder and always answers the same clicks the same way.
         """
         first = 0 if prompt.box is not None else 1
         head = Prompt(prompt.points[:first], prompt.labels[:first], prompt.box, prompt.mask_key, prompt.mask_logits)
         with session.lock:
-            step, _, _ = session.resolve(head, decode)
+            step, _, _ = session.resolve(head, decode, judge)
         confidence = model_confidence(step.low_res, session.model.transform, session.embedding.hw,
                                       self.propagation.temperature)
-        return confidence < self.propagation.auto_confidence
+        return auto_propagates(confidence, result.ignored, self.propagation)
 
     @staticmethod
     def _graph(embedding: Embedding, settings: PropagationSettings) -> ImageGraph:
@@ -556,9 +561,12 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         def decode(points, labels, box, mask_logits):
             return model.decoder(features, hw, points, labels, box, mask_logits)
 
+        def judge(point, label, low_res) -> bool:
+            return click_ignored(low_res, model.transform, hw, point, label)
+
         with session.lock:
-            result, seconds, steps = session.resolve(prompt, decode)
-        propagate = mode == "on" or (mode == "auto" and self._unsure_at_first_step(prompt, session, decode))
+            result, seconds, steps = session.resolve(prompt, decode, judge)
+        propagate = mode == "on" or (mode == "auto" and self._auto_propagates(prompt, session, decode, judge, result))
         if propagate:
             graph = self._graph(embedding, self.propagation)
             mask = graph.refine(result.low_res, model.transform, prompt.points, prompt.labels)

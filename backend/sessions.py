@@ -201,6 +201,13 @@ class Prompt:
 class StepResult:
     low_res: np.ndarray  # (256, 256) float32 logits
     iou: float
+    # Correction clicks of this prefix whose answers ignored them (see ``Session.resolve``'s
+    # ``judge``): carried along the chain, so "auto" propagation needs no replay to count them.
+    ignored: int = 0
+
+
+# judge(point, label, low_res) -> did the answer to a correction click ignore it?
+JudgeFn = Callable[[np.ndarray, int, np.ndarray], bool]
 
 
 # decode(points, labels, box, mask_logits) -> (low_res, iou)
@@ -254,11 +261,13 @@ class Session:
         while len(self.history) > HISTORY_LIMIT:
             self.history.popitem(last=False)
 
-    def resolve(self, prompt: Prompt, decode: DecodeFn) -> tuple[StepResult, float, int]:
+    def resolve(self, prompt: Prompt, decode: DecodeFn, judge: JudgeFn | None = None) -> tuple[StepResult, float, int]:
         """The answer to ``prompt``: (result, decoder seconds spent, steps decoded now).
 
-        Call with ``self.lock`` held (one click at a time per session keeps the history
-        consistent; different sessions run in parallel).
+        ``judge`` tells whether a step's answer ignored its own (correction) click; each step's
+        ``ignored`` is its predecessor's plus that verdict. Call with ``self.lock`` held (one
+        click at a time per session keeps the history consistent; different sessions run in
+        parallel).
         """
         keys = prompt.prefix_keys()
         n = len(prompt.points)
@@ -278,14 +287,19 @@ class Session:
         seconds = 0.0
         result: StepResult | None = None
         for k in range(start, n + 1):
+            ignored = 0
             if k <= first:
                 previous = prompt.mask_logits() if prompt.mask_logits is not None else None
             else:
-                previous = self.history[keys[k - 1]].low_res
+                before = self.history[keys[k - 1]]
+                previous, ignored = before.low_res, before.ignored
             t0 = time.perf_counter()
             low, iou = decode(prompt.points[:k], prompt.labels[:k], prompt.box, previous)
             seconds += time.perf_counter() - t0
-            result = StepResult(np.asarray(low, np.float32).copy(), float(iou))
+            low = np.asarray(low, np.float32).copy()
+            if judge is not None and k > first:
+                ignored += bool(judge(prompt.points[k - 1], int(prompt.labels[k - 1]), low))
+            result = StepResult(low, float(iou), ignored)
             self._remember(keys[k], result)
         assert result is not None
         return result, seconds, n + 1 - start

@@ -35,6 +35,11 @@ def settings_from_mapping(cls: type[T], data: Mapping[str, Any], what: str, int_
 
 def load_settings(cls: type[T], path: str | Path, what: str, int_fields: tuple[str, ...] = ()) -> T:
     """Settings from the YAML mapping in ``path``."""
+    return settings_from_mapping(cls, read_yaml_mapping(path, what), what, int_fields)
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> Mapping[str, Any]:
+    """The YAML mapping in ``path``; every failure one line naming ``what`` the file is."""
     import yaml
 
     path = Path(path)
@@ -49,7 +54,7 @@ def load_settings(cls: type[T], path: str | Path, what: str, int_fields: tuple[s
         raise InvalidInputError(f"{what} config {path} is not valid YAML{where}: {problem}") from None
     if not isinstance(data, Mapping):
         raise InvalidInputError(f"{what} config {path} must be a mapping of settings")
-    return settings_from_mapping(cls, data, what, int_fields)
+    return data
 
 
 class SettingsFile:

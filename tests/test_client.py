@@ -41,7 +41,7 @@ def models(tiny_bundle) -> ModelStore:
 
 @pytest.fixture(scope="module")
 def server(models):
-    srv = SegmentationServer(ServerSettings(port=0, threads=4, max_points=6), models=models)
+    srv = SegmentationServer(ServerSettings(port=0, threads=4, max_points=6, propagation="off"), models=models)
     srv.start()
     yield srv
     srv.stop(0)

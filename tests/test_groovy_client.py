@@ -135,7 +135,7 @@ def check(results: dict, name: str) -> dict:
 @pytest.fixture(scope="module")
 def server(tiny_bundle):
     models = ModelStore.load([tiny_bundle], threads=1)
-    settings = ServerSettings(port=0, threads=4, ort_threads=1, token=TOKEN, max_pixels=MAX_PIXELS)
+    settings = ServerSettings(port=0, threads=4, ort_threads=1, token=TOKEN, max_pixels=MAX_PIXELS, propagation="off")
     srv = SegmentationServer(settings, models=models)
     srv.start()
     yield srv

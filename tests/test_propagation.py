@@ -13,6 +13,8 @@ from histosam.backend.propagation import (
     ImageGraph,
     PropagatingPredictor,
     PropagationSettings,
+    auto_propagates,
+    click_ignored,
     model_confidence,
 )
 from histosam.backend.transforms import LOW_RES, ImageTransform
@@ -184,6 +186,65 @@ def test_auto_propagates_an_image_the_model_is_unsure_of_decided_at_the_first_st
         PropagatingPredictor(model, PropagationSettings(), FRAME, mode="sometimes")
     with pytest.raises(InvalidInputError, match="at most 1"):
         PropagationSettings(auto_confidence=1.5)
+
+
+def test_auto_propagates_once_the_model_ignores_a_correction_click():
+    """A confident wrong answer (issue 18): the model is sure of the whole image and stays so
+    whatever the clicks say. Its confidence passes the first-step test, but the negative click
+    it ignores switches the image to propagation from that click on, and for the session."""
+    img, left = two_regions()
+    everything = low_res_of(np.full((H, W), 20.0))  # confident, and wrong on the right part
+    assert model_confidence(everything, FRAME, (H, W), 4.0) > 0.95
+    pts = np.array([[20.0, 60.0], [180.0, 60.0], [30.0, 30.0]])
+    labels = np.array([1, 0, 1])
+    assert not click_ignored(everything, FRAME, (H, W), pts[0], 1)
+    assert click_ignored(everything, FRAME, (H, W), pts[1], 0)  # the negative click is contradicted
+    graph = ImageGraph.from_image(img, PropagationSettings())
+    own = FRAME.logits_to_original(everything, (H, W)) > 0
+    for ignored_needed, spreads_at in ((1, 2), (2, None), (0, None)):
+        model = ScriptedModel([everything])
+        auto = PropagatingPredictor(model, PropagationSettings(auto_ignored_clicks=ignored_needed), FRAME, mode="auto")
+        auto.set_image(img)
+        for n in (1, 2, 3):
+            got = auto.predict(points=pts[:n], labels=labels[:n])
+            spread = spreads_at is not None and n >= spreads_at
+            want = graph.refine(everything, FRAME, pts[:n], labels[:n]) if spread else own
+            assert np.array_equal(got.mask, want), (ignored_needed, n)
+            assert np.array_equal(got.low_res_logits, everything)  # the model's own logits go on
+        if spreads_at is not None:
+            assert not got.mask[60, 180] and got.mask[60, 20]  # the walker obeys both clicks
+        assert model.calls == [1, 2, 3]  # no step decoded twice to decide
+    # Obeyed corrections are no evidence: a model that follows the click stays unspread.
+    follows = low_res_of(np.where(left, 20.0, -20.0))
+    model = ScriptedModel([everything, follows, follows])
+    auto = PropagatingPredictor(model, PropagationSettings(), FRAME, mode="auto")
+    auto.set_image(img)
+    for n in (1, 2, 3):
+        got = auto.predict(points=pts[:n], labels=labels[:n])
+    assert np.array_equal(got.mask, FRAME.logits_to_original(follows, (H, W)) > 0)
+    # The rule itself: unsure at the first step, or enough ignored clicks.
+    s = PropagationSettings(auto_confidence=0.05, auto_ignored_clicks=2)
+    assert auto_propagates(0.01, 0, s) and not auto_propagates(0.5, 1, s) and auto_propagates(0.5, 2, s)
+    assert not auto_propagates(0.5, 9, PropagationSettings(auto_ignored_clicks=0))
+    with pytest.raises(InvalidInputError, match="auto_ignored_clicks must be a positive number"):
+        PropagationSettings.from_mapping({"auto_ignored_clicks": -1})
+
+
+def test_click_ignored_reads_the_mask_a_user_sees():
+    """The verdict uses the calibrated mask (the shipped model dilates by one low-res pixel):
+    a positive click just outside the raw edge is obeyed, a negative one just inside is not."""
+    _, left = two_regions()
+    logits = low_res_of(np.where(left, 20.0, -20.0))
+    dilated = ImageTransform(input_size=256, mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0), mask_dilation=1)
+    lh, lw = FRAME.low_res_shape(H, W)
+    row = 30
+    raw_edge = int(np.nonzero(logits[row, :lw] > 0)[0].max())  # last foreground low-res column
+    x_out = (raw_edge + 1.5) * W / lw  # the centre of the first background column
+    y = (row + 0.5) * H / lh
+    assert click_ignored(logits, FRAME, (H, W), np.array([x_out, y]), 1)
+    assert not click_ignored(logits, dilated, (H, W), np.array([x_out, y]), 1)
+    assert click_ignored(logits, dilated, (H, W), np.array([x_out, y]), 0)
+    assert not click_ignored(logits, FRAME, (H, W), np.array([np.nan, y]), 1)  # not a click
 
 
 def test_serve_flags_and_config_file_turn_propagation_on(tmp_path):

@@ -27,7 +27,13 @@ from histosam.backend.catalog import cached_bundle_path
 from histosam.backend.errors import HistosamError, InvalidInputError, NotFoundError
 from histosam.backend.geometry import PolygonXY, mask_to_polygons, polygons_to_mask
 from histosam.backend.models import ModelStore, default_bundle_path
-from histosam.backend.propagation import ImageGraph, PropagationSettings, model_confidence
+from histosam.backend.propagation import (
+    ImageGraph,
+    PropagationSettings,
+    auto_propagates,
+    click_ignored,
+    model_confidence,
+)
 from histosam.backend.server import (
     DEFAULT_MIN_AREA,
     SERVICE_NAME,
@@ -105,7 +111,9 @@ def slide_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(models, slide_root):
     roots = (slide_root,) + ((DATA / "slides",) if (DATA / "slides").is_dir() else ())
-    settings = ServerSettings(port=0, threads=4, ort_threads=1, slide_roots=roots, max_pixels=MAX_PIXELS,
+    # propagation off: these tests compare served masks with the model's own (test_served_default.py
+    # checks what a server started without options does).
+    settings = ServerSettings(port=0, threads=4, ort_threads=1, slide_roots=roots, max_pixels=MAX_PIXELS, propagation="off",
                               max_message_bytes=MAX_MESSAGE, max_points=MAX_POINTS)
     srv = SegmentationServer(settings, models=models)
     srv.start()
@@ -503,7 +511,7 @@ def test_clicks_spread_through_propagation_by_default_or_per_click(models, serve
     always_unsure = tmp_path / "unsure.yaml"
     always_unsure.write_text("auto_confidence: 1.0\n")  # every answer counts as unsure: auto = on
     never_unsure = tmp_path / "sure.yaml"
-    never_unsure.write_text("auto_confidence: 1.0e-9\n")  # no answer is that unsure: auto = off
+    never_unsure.write_text("auto_confidence: 1.0e-9\nauto_ignored_clicks: 0\n")  # auto = off
     spreading = SegmentationServer(ServerSettings(port=0, threads=2, ort_threads=1, propagation=True), models=models)
     auto = SegmentationServer(ServerSettings(port=0, threads=2, ort_threads=1, propagation="auto",
                                              propagation_config=always_unsure), models=models)
@@ -535,8 +543,11 @@ def test_clicks_spread_through_propagation_by_default_or_per_click(models, serve
                                timeout=30)
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                 assert "propagation 7 is not one of" in err.value.details()
-        # auto: decided by the model's confidence in its answer to the first point (0.05 shipped)
-        unsure = model_confidence(first, model.transform, (H, W), 4.0) < PropagationSettings.load().auto_confidence
+        # auto: the model's confidence in its answer to the first point (0.05 shipped), or the
+        # second (negative) click ignored by the model's answer to it
+        shipped = PropagationSettings.load()
+        unsure = auto_propagates(model_confidence(first, model.transform, (H, W), 4.0),
+                                 int(click_ignored(second, model.transform, (H, W), points[1], 0)), shipped)
         for srv, request_choice, on in ((server, pb.PROPAGATION_AUTO, unsure),
                                         (auto, pb.PROPAGATION_SERVER_DEFAULT, True),
                                         (sure, pb.PROPAGATION_AUTO, False)):
@@ -561,6 +572,46 @@ def test_clicks_spread_through_propagation_by_default_or_per_click(models, serve
         ServerSettings.from_mapping({"propagation": "yes"})
     with pytest.raises(NotFoundError, match="propagation config"):
         SegmentationServicer(ServerSettings(propagation_config=tmp_path / "none.yaml"), models, False)
+
+
+def test_auto_switches_on_when_the_model_ignores_a_correction_click(models, image_png, tmp_path):
+    """Server "auto" (issue 18): every click's ``propagated`` is the rule replayed on the same
+    decoder's answers: the first step's confidence, or a correction click the answer to it
+    contradicted. Once on, it stays on; an undo to before the ignored click turns it off."""
+    img = synthetic_image()
+    model = models.default
+    features = model.encoder(img)
+    clicks = [(100.0, 100.0, 1), (250.0, 120.0, 0), (60.0, 200.0, 1), (300.0, 60.0, 0), (150.0, 150.0, 1)]
+    points = np.array([c[:2] for c in clicks])
+    labels = np.array([c[2] for c in clicks])
+    # The tiny random model is unsure of every first answer: with the confidence test off, the
+    # ignored clicks alone decide here.
+    config = tmp_path / "ignored_only.yaml"
+    config.write_text("auto_confidence: 1.0e-9\n")
+    shipped = PropagationSettings.load(config)
+    answers, previous = [], None
+    for k in range(1, len(clicks) + 1):
+        previous, _ = model.decoder(features, (H, W), points[:k], labels[:k], None, previous)
+        answers.append(previous)
+    confidence = model_confidence(answers[0], model.transform, (H, W), shipped.temperature)
+    ignored = np.cumsum([0] + [click_ignored(answers[k], model.transform, (H, W), points[k], int(labels[k]))
+                               for k in range(1, len(clicks))])
+    expected = [auto_propagates(confidence, int(n), shipped) for n in ignored]
+    assert expected[0] is False and expected[-1] is True  # the test sees the switch happen
+    with SegmentationServer(ServerSettings(port=0, threads=2, ort_threads=1, propagation="auto",
+                                           propagation_config=config), models=models) as srv, grpc.insecure_channel(srv.address) as channel:
+        stub = pb_grpc.SegmentationStub(channel)
+        assert stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10).propagation_default == pb.PROPAGATION_AUTO
+        sid = open_image(stub, image_png).session_id
+        got = []
+        for k in range(1, len(clicks) + 1):
+            request = pb.ClickRequest(session_id=sid, points=pts(*[(x, y, bool(lab)) for x, y, lab in clicks[:k]]))
+            reply = stub.Click(request, timeout=30)
+            assert reply.decoded_steps == 1  # the verdicts ride on the history: nothing re-decoded
+            got.append(reply.propagated)
+        assert got == expected, (got, list(ignored), confidence)
+        undo = stub.Click(pb.ClickRequest(session_id=sid, points=pts((100.0, 100.0, True))), timeout=30)
+        assert undo.propagated is expected[0] and undo.decoded_steps == 0
 
 
 def test_settings_validation_and_mapping(tmp_path):
@@ -803,7 +854,7 @@ def test_a_bundles_mask_calibration_shapes_the_served_mask_not_the_history(tiny_
     for name, bundle in (("plain", tiny_bundle), ("calibrated", calibrated)):
         store = ModelStore.load([bundle], threads=1)
         assert store.default.transform.mask_dilation == (1 if name == "calibrated" else 0)
-        srv = SegmentationServer(ServerSettings(port=0, threads=2, ort_threads=1), models=store)
+        srv = SegmentationServer(ServerSettings(port=0, threads=2, ort_threads=1, propagation="off"), models=store)
         srv.start()
         try:
             with grpc.insecure_channel(srv.address) as channel:
@@ -852,10 +903,11 @@ def test_edge_snapping_follows_the_bundle_unless_the_server_says_on_or_off(model
     (asking / "manifest.json").write_text(json.dumps(manifest))
     asking_models = ModelStore.load([asking], threads=1)
     assert asking_models.default.bundle.edge_snap
-    servers = [(SegmentationServer(ServerSettings(port=0, threads=2, ort_threads=1, edge_snap=True), models=models),
-                snapped),
-               (SegmentationServer(ServerSettings(port=0, threads=2, ort_threads=1), models=asking_models), snapped),
-               (SegmentationServer(ServerSettings(port=0, threads=2, ort_threads=1, edge_snap="off"),
+    servers = [(SegmentationServer(ServerSettings(port=0, threads=2, ort_threads=1, edge_snap=True, propagation="off"),
+                                   models=models), snapped),
+               (SegmentationServer(ServerSettings(port=0, threads=2, ort_threads=1, propagation="off"),
+                                   models=asking_models), snapped),
+               (SegmentationServer(ServerSettings(port=0, threads=2, ort_threads=1, edge_snap="off", propagation="off"),
                                    models=asking_models), own)]
     for srv, _ in servers:
         srv.start()

@@ -38,6 +38,12 @@ class TrainConfig:
     train_data: list[str] = field(default_factory=lambda: ["../shared/data/patches/ocdc",
                                                            "../shared/data/patches/ebhi"])
     holdout: int = 2
+    # Times each training folder's patches come up per epoch, by folder name (default 1): the
+    # balance between a few tumour-region patches and thousands of gland patches.
+    repeat: dict[str, int] = field(default_factory=dict)
+    # At most this many patches of a training folder, by folder name (a seeded random subset):
+    # every patch costs one frozen-encoder pass per augmentation variant to cache.
+    max_patches: dict[str, int] = field(default_factory=dict)
     val_data: list[str] = field(default_factory=lambda: ["../shared/data/patches/glas"])
     val_fraction: tuple[float, float] | None = (0.2, 0.8)
     val_limit: int | None = 8
@@ -102,6 +108,10 @@ class TrainConfig:
             raise InvalidInputError(f"click_disk_mode must be 'add' or 'override', got {self.click_disk_mode!r}")
         if self.click_loss_weight < 0 or self.click_loss_radius < 0:
             raise InvalidInputError("click_loss_weight and click_loss_radius must be >= 0")
+        for key in ("repeat", "max_patches"):
+            for name, times in getattr(self, key).items():
+                if isinstance(times, bool) or not isinstance(times, int) or times < 1:
+                    raise InvalidInputError(f"{key}.{name} must be a whole number >= 1, got {times!r}")
         if not self.train_data:
             raise InvalidInputError("train_data is empty: name the patch folders in the config or with --train-data")
         if not (self.train_decoder or self.train_prompt_encoder or self.train_image_encoder):

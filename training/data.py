@@ -20,6 +20,7 @@ import torch
 from histosam.backend.errors import InvalidInputError
 from histosam.backend.patches import PatchRecord, load_patch_dataset
 from histosam.backend.report import atomic_write
+from histosam.backend.splits import in_part, load_splits
 from histosam.backend.transforms import ImageTransform
 from histosam.training.augment import AugParams, apply_aug, identity, sample_aug
 from histosam.training.config import TrainConfig, resolve_data_path
@@ -52,12 +53,21 @@ def split_records(cfg: TrainConfig) -> tuple[list[tuple[str, PatchRecord]], list
     """(train, internal holdout): ``holdout`` patches of each folder drawn at random (seeded);
     none from a folder that has no more patches than that."""
     train, held = [], []
+    splits = load_splits()
     for folder in cfg.train_data:
         path = resolve_data_path(folder)
         recs = load_patch_dataset(path)
         if not recs:
             raise InvalidInputError(f"no patches in {path}: its images/ and masks/ are empty")
         name = path.resolve().name
+        # The validation source images of splits.yaml are never trained on (e.g. bcss_1019).
+        recs = [r for r in recs if in_part(name, r.stem, "train", splits)]
+        if not recs:
+            raise InvalidInputError(f"no training patches in {path}: splits.yaml keeps all of them for validation")
+        cap = cfg.max_patches.get(name)
+        if cap is not None and len(recs) > cap:
+            keep = np.sort(np.random.default_rng([cfg.seed, 1]).permutation(len(recs))[:cap])
+            recs = [recs[i] for i in keep]
         rng = np.random.default_rng(cfg.seed)
         order = list(rng.permutation(len(recs)))
         held_idx = set(order[: cfg.holdout]) if len(recs) > cfg.holdout else set()

@@ -244,7 +244,7 @@ class Trainer:
             self.val_sets["internal"] = self.holdout
         for folder in cfg.val_data:
             path = resolve_data_path(folder)
-            sel = select_samples([path], cfg.val_fraction, cfg.val_limit)
+            sel = select_samples([path], cfg.val_fraction, cfg.val_limit, part="validation")
             self.val_sets[path.resolve().name] = sel.samples
         for samples in self.val_sets.values():  # now, not after an epoch of training
             for sample in samples:
@@ -461,7 +461,9 @@ class Trainer:
         self.fill_cache()
         if self.rank == 0:
             _atomic_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
-        sampler = DistributedSampler(range(len(self.patches)), num_replicas=self.world, rank=self.rank,
+        # Each patch listed as often as its folder's ``repeat`` asks: the sampler shuffles the lot.
+        listed = [i for i, p in enumerate(self.patches) for _ in range(cfg.repeat.get(p.dataset, 1))]
+        sampler = DistributedSampler(listed, num_replicas=self.world, rank=self.rank,
                                      shuffle=True, seed=cfg.seed)
         stopped = False
         for epoch in range(self.start_epoch, cfg.epochs):
@@ -470,7 +472,7 @@ class Trainer:
             # Clicks, rounds and augmentation variants drawn from a stream of this epoch alone, so a
             # resumed run draws what an uninterrupted one would have (it replayed epoch 1's before).
             self.rng = np.random.default_rng([cfg.seed, self.rank, epoch])
-            order = list(sampler)
+            order = [listed[j] for j in sampler]
             batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
             if cfg.max_steps_per_epoch:
                 batches = batches[: cfg.max_steps_per_epoch]

@@ -12,6 +12,8 @@ import dataclasses
 import os
 from pathlib import Path
 
+from histosam.backend.catalog import SERVED_PROPAGATION
+
 LEARNED_BACKENDS = ("torch", "onnx")
 BASELINE_BACKENDS = ("grabcut", "random_walker")
 BACKEND_CHOICES = ("torch", "onnx", "both", *BASELINE_BACKENDS)
@@ -40,6 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--fraction", type=float, nargs=2, metavar=("LO", "HI"),
         help="keep samples whose foreground fraction is in [LO, HI] (the paper: 0.2 0.8)",
     )
+    p.add_argument(
+        "--split", choices=("all", "train", "validation"), default="all",
+        help="of the folders named in the shipped splits.yaml (bcss, ocdc), keep only the validation or the "
+        "training source images (default: all patches)",
+    )
     p.add_argument("--max-clicks", type=int, default=20, help="clicks per image (default: %(default)s)")
     p.add_argument(
         "--target-iou", type=float, default=0.90,
@@ -49,10 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="evaluate only the first N kept samples of each --data folder")
     p.add_argument("--out", type=Path, required=True, help="output folder for results.json, table.md, miou_per_click.png")
     p.add_argument(
-        "--propagation", choices=("on", "off", "auto", "both", "all"), nargs="+", default=["off"],
-        help="learned models: the model's mask alone (off, the default, as `histosam serve`), spread by the "
-        "click-seeded random walker (on), spread on images the model is unsure of (auto); one run each "
-        "(both = off on, all = off on auto)",
+        "--propagation", choices=("on", "off", "auto", "both", "all"), nargs="+", default=[SERVED_PROPAGATION],
+        help=f"learned models: the model's mask alone (off), spread by the click-seeded random walker (on), "
+        f"spread on images where the model is unsure or ignores a correction click (auto); one run each (both = "
+        f"off on, all = off on auto); default: {SERVED_PROPAGATION}, as `histosam serve` answers",
     )
     p.add_argument("--propagation-config", type=Path, metavar="F",
                    help="YAML of click-propagation settings (default: the shipped propagation.yaml)")
@@ -170,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--target-iou must be between 0.90 (the highest NoC threshold) and 1, got {args.target_iou}")
     config = EvalConfig(args.max_clicks, args.target_iou, args.full_curve)
     fraction = tuple(args.fraction) if args.fraction else None
-    selection = select_samples(args.data, fraction, args.limit)
+    selection = select_samples(args.data, fraction, args.limit, part=args.split)
     progress = not args.no_progress
     samples = selection.samples
 

@@ -60,8 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--propagation", nargs="?", const="on", choices=("on", "off", "auto"), default=S,
                    help="what a click that does not choose gets: spread over its colour region by a random walker "
                    "seeded by the clicks, the model's mask as its prior (on; for tumour regions with soft borders), "
-                   "the model's mask alone (off, the default), or spread where the model is unsure of the image "
-                   "(auto). A bare --propagation means on; a client may choose per click either way")
+                   "the model's mask alone (off; for crisp glands), or spread once the model is unsure of the image "
+                   "or ignores a correction click (auto, the default). A bare --propagation means on; a client may "
+                   "choose per click either way")
     p.add_argument("--propagation-config", type=Path, default=S, metavar="F",
                    help="YAML of click-propagation settings (default: the shipped propagation.yaml)")
     p.add_argument("--edge-snap", nargs="?", const="on", choices=("model", "on", "off"), default=S,
@@ -178,7 +179,8 @@ def _serve(settings) -> int:
         spread = server.servicer.propagation
         print(f"histosam serve: click propagation {settings.propagation} by default, clients may choose per click "
               f"(gamma {spread.gamma:g}, beta {spread.beta:g}, {spread.working_side} px walker grid, "
-              f"auto below confidence {spread.auto_confidence:g})", flush=True)
+              f"auto below confidence {spread.auto_confidence:g} or after {spread.auto_ignored_clicks} ignored "
+              "click(s))", flush=True)
         snap = server.servicer.edge_snap
         snapped = [m for m in server.models.names if server.servicer.snaps_edges(server.models.get(m))]
         print(f"histosam serve: edge snapping for {', '.join(snapped)} (band {snap.band:g} low-res px, beta "
