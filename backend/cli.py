@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # gRPC's C core writes its own log lines to stderr (a TLS handshake failure, a port it cannot
+    # bind) around the one line the CLI prints for the same failure. Set before any command
+    # imports grpc; a user's own GRPC_VERBOSITY (e.g. debug) still wins.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -64,8 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One clear line, no traceback: the error already says what and where.
         print(f"histosam {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"histosam {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # A command may say what it kept (e.g. evaluate's finished images), still on one line.
+        print(f"histosam {args.command}: interrupted{f': {exc}' if str(exc) else ''}", file=sys.stderr)
         return 130
     except BrokenPipeError as exc:
         if _stdout_gone():

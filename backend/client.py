@@ -49,12 +49,32 @@ _ERROR_OF = {
 }
 
 
-def rpc_error(exc: grpc.RpcError, target: str) -> HistosamError:
-    """A gRPC failure as the matching HistosamError, with ``.code`` set to the status."""
+def _unreachable(target: str, details: str, tls: bool | None) -> str:
+    """Why a channel to ``target`` failed, in words: gRPC's own text ends in TLS library codes
+    ("... verification context: OK") that do not say what to change."""
+    if "WRONG_VERSION_NUMBER" in details:
+        return f"TLS handshake with {target} failed: the server does not speak TLS (a plaintext server? drop --tls)"
+    if "CERTIFICATE_VERIFY_FAILED" in details:
+        why = details.rsplit("CERTIFICATE_VERIFY_FAILED:", 1)[-1].split(":")[0].strip()
+        return (f"TLS handshake with {target} failed: its certificate is not trusted ({why or 'verify failed'}); "
+                "give the server's certificate or its CA with --tls-ca")
+    if "Tls handshake failed" in details or "security handshaker" in details:
+        return f"TLS handshake with {target} failed (check --tls-ca and the server's --tls-cert)"
+    if tls is False and "Socket closed" in details:
+        return (f"cannot reach the histosam server at {target}: it closed the connection at once "
+                "(a TLS server? add --tls, or --tls-ca F for a self-signed certificate)")
+    return f"cannot reach the histosam server at {target}: {details}"
+
+
+def rpc_error(exc: grpc.RpcError, target: str, tls: bool | None = None) -> HistosamError:
+    """A gRPC failure as the matching HistosamError, with ``.code`` set to the status.
+
+    ``tls``: whether the channel uses TLS (None: unknown), for the hint when a connection fails.
+    """
     code = exc.code()
     details = exc.details() or ""
     if code == grpc.StatusCode.UNAVAILABLE:
-        message = f"cannot reach the histosam server at {target}: {details}"
+        message = _unreachable(target, details, tls)
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
         message = f"the server at {target} did not answer in time (deadline exceeded)"
     else:
@@ -121,6 +141,40 @@ def _propagation_value(choice: bool | str) -> int:
     if choice not in values:
         raise InvalidInputError(f"propagation must be on, off, auto, True or False, got {choice!r}")
     return values[choice]
+
+
+def _named(exc: HistosamError, what: str) -> HistosamError:
+    """The same error (class and gRPC code), its message led by what it is about."""
+    message = str(exc)
+    for prefix in ("INVALID_ARGUMENT: ", "RESOURCE_EXHAUSTED: "):
+        message = message.removeprefix(prefix)
+    named = type(exc)(f"{what}: {message.removeprefix('image ')}")
+    named.code = getattr(exc, "code", None)  # type: ignore[attr-defined]
+    return named
+
+
+def _read_token_file(path: Path) -> str:
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise NotFoundError(f"cannot read the token file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise InvalidInputError(f"the token file {path} is not text") from None
+    if not token:
+        raise InvalidInputError(f"the token file {path} is empty")
+    return token
+
+
+def _read_roots(path: Path) -> bytes:
+    """PEM root certificates from ``path``; checked here, since gRPC only says it "failed to
+    create a security handshaker" once it connects."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise NotFoundError(f"cannot read the TLS CA file {path}: {exc.strerror or exc}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise InvalidInputError(f"the TLS CA file {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    return data
 
 
 @dataclass(frozen=True)
@@ -210,7 +264,7 @@ class SegmentationClient:
         max_message_bytes: int = 64 << 20,
     ) -> None:
         if token is None and token_file is not None:
-            token = Path(token_file).read_text().strip()
+            token = _read_token_file(Path(token_file))
         self.target = target
         self.timeout = float(timeout)
         self.open_timeout = float(open_timeout)
@@ -221,10 +275,11 @@ class SegmentationClient:
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 2000),
         ]
-        if tls or root_certificates is not None:
+        self.tls = bool(tls or root_certificates is not None)
+        if self.tls:
             roots = root_certificates
             if isinstance(roots, str | Path):
-                roots = Path(roots).read_bytes()
+                roots = _read_roots(Path(roots))
             self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(roots), options=options)
         else:
             self.channel = grpc.insecure_channel(target, options=options)
@@ -251,7 +306,7 @@ class SegmentationClient:
         try:
             return method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise rpc_error(exc, self.target) from None
+            raise rpc_error(exc, self.target, self.tls) from None
 
     # -- RPCs
     def info(self) -> pb.GetServerInfoResponse:
@@ -286,6 +341,11 @@ class SegmentationClient:
                 data = Path(image).read_bytes()
             except OSError as exc:
                 raise NotFoundError(f"cannot read image {image}: {exc.strerror}") from None
+            request = pb.OpenImageRequest(model=model, encoded_image=data, frame=_frame(frame))
+            try:
+                return self._open(request)
+            except (InvalidInputError, ResourceLimitError) as exc:  # the server's words, about this file
+                raise _named(exc, f"image {image}") from None
         else:
             data = bytes(image)
         request = pb.OpenImageRequest(model=model, encoded_image=data, frame=_frame(frame))
@@ -355,7 +415,7 @@ class SegmentationClient:
             response = self.stub.Click(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND or session.request.WhichOneof("source") is None:
-                raise rpc_error(exc, self.target) from None  # nothing known to re-open
+                raise rpc_error(exc, self.target, self.tls) from None  # nothing known to re-open
             self.reopen(session)
             reopened = True
             request.session_id = session.session_id

@@ -276,6 +276,7 @@ class SampleResult:
     encoder_s: float = 0.0
     decoder_s: list[float] = field(default_factory=list)
     logits: list[np.ndarray] | None = None  # low-res logits per click, kept only for parity
+    last_mask: np.ndarray | None = None  # the mask after the last click, kept only for overlays
 
     def noc(self, threshold: float, max_clicks: int) -> int:
         return noc(self.ious, threshold, max_clicks)
@@ -301,6 +302,7 @@ def evaluate_sample(
     name: str = "",
     dataset: str = "",
     keep_logits: bool = False,
+    keep_mask: bool = False,
 ) -> SampleResult:
     """Run the simulated user on one image (see the module docstring for the protocol)."""
     gt = np.asarray(gt, bool)
@@ -336,6 +338,8 @@ def evaluate_sample(
         result.obeyed.append(bool(pred_mask[click.y, click.x]) == click.positive)
         if not config.full_curve and result.ious[-1] >= config.stop_iou:
             break
+    if keep_mask:
+        result.last_mask = pred_mask
     return result
 
 

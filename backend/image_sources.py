@@ -51,8 +51,10 @@ def _open_header(data: bytes, what: str):
             return Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
     except Image.DecompressionBombError as exc:
         raise ResourceLimitError(f"{what} is too large to decode: {exc}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise InvalidInputError(f"{what} cannot be decoded as PNG, JPEG or TIFF ({type(exc).__name__})") from None
+    except UnidentifiedImageError:
+        raise InvalidInputError(f"{what} cannot be decoded as PNG, JPEG or TIFF: it is none of these formats") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise InvalidInputError(f"{what} cannot be decoded as PNG, JPEG or TIFF: {exc}") from None
 
 
 def image_size(data: bytes, what: str = "image") -> tuple[int, int]:
@@ -142,8 +144,11 @@ class Region:
 def resolve_slide_path(slide_path: str, roots: Sequence[Path]) -> Path:
     """The real path of ``slide_path`` if it lies inside a root; PERMISSION_DENIED otherwise.
 
-    Relative paths are looked up under each root in turn. Symlinks are resolved before the
-    check, so neither ``..`` nor a link inside a root can reach a file outside it.
+    A relative path is looked up under each root in turn, then against the server's working
+    folder (a client on the same machine, started from the same folder as the server, names a
+    slide the way the server's ``--slide-root`` did: ``slides/a.svs`` with ``--slide-root
+    slides``). Symlinks are resolved before the check, so neither ``..`` nor a link inside a
+    root can reach a file outside it.
     """
     if not slide_path:
         raise InvalidInputError("slide_region.slide_path is empty")
@@ -154,17 +159,42 @@ def resolve_slide_path(slide_path: str, roots: Sequence[Path]) -> Path:
     real_roots = [Path(r).resolve() for r in roots]
     given = Path(slide_path)
     candidates = [given] if given.is_absolute() else [root / given for root in real_roots]
-    for candidate in candidates:
+    outside = False
+    for candidate in [*candidates, *([] if given.is_absolute() else _in_working_folder(given))]:
+        by_root = candidate in candidates  # the working-folder guess only counts when it finds the slide
         try:
             real = candidate.resolve()  # follows symlinks, collapses ..
             if not any(real.is_relative_to(root) for root in real_roots):
-                raise PermissionDeniedError(f"slide {_short(slide_path)!r} is outside the server's slide roots")
+                outside = outside or by_root
+                continue
             if real.is_file():
                 return real
         except (OSError, RuntimeError) as exc:  # name too long, symlink loop, ...
+            if not by_root:
+                continue
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
             raise InvalidInputError(f"slide path {_short(slide_path)!r} cannot be resolved: {reason}") from None
-    raise NotFoundError(f"slide {_short(slide_path)!r} does not exist under the server's slide roots")
+    if outside:
+        raise PermissionDeniedError(
+            f"slide {_short(slide_path)!r} is outside the server's slide roots ({_root_names(real_roots)}): give it "
+            "relative to a root ('slide.svs', 'folder/slide.svs') or as an absolute path inside one"
+        )
+    raise NotFoundError(
+        f"slide {_short(slide_path)!r} does not exist under the server's slide roots ({_root_names(real_roots)}): "
+        "give it relative to a root ('slide.svs', 'folder/slide.svs') or as an absolute path inside one"
+    )
+
+
+def _in_working_folder(given: Path) -> list[Path]:
+    try:
+        return [Path.cwd() / given]
+    except OSError:  # the server's working folder was deleted
+        return []
+
+
+def _root_names(roots: Sequence[Path]) -> str:
+    """The roots by folder name only: a client need not learn the server's folder layout."""
+    return ", ".join(f"{r.name or r}/" for r in roots)
 
 
 def _short(text: str, limit: int = 200) -> str:

@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from histosam.backend.bundle import MANIFEST, Bundle, load_bundle
-from histosam.backend.catalog import cached_bundle_path
+from histosam.backend.catalog import (
+    BASE_MODELS,
+    DEFAULT_MODEL,
+    NEEDS_CHECKPOINT,
+    SHIPPED,
+    cached_bundle_path,
+)
 from histosam.backend.errors import BundleError, NotFoundError
 from histosam.backend.onnx_predictor import OnnxDecoder, OnnxEncoder, available_providers
 from histosam.backend.transforms import ImageTransform
@@ -51,14 +57,35 @@ def default_bundle_path(cache_dir: Path | None = None) -> Path:
 def discover_bundles(models_dir: Path) -> list[Path]:
     """``models_dir`` itself if it is a bundle, else its sub-folders that are bundles (sorted)."""
     models_dir = Path(models_dir)
+    if models_dir.is_file():
+        where = models_dir.parent if models_dir.name in BUNDLE_FILES else None
+        raise BundleError(
+            f"--models {models_dir} is a file; give the bundle folder that holds manifest.json"
+            + (f" ({where})" if where is not None else ", or a folder of bundles")
+        )
     if not models_dir.is_dir():
-        raise NotFoundError(f"models folder {models_dir} does not exist")
+        raise NotFoundError(f"models folder {models_dir} does not exist{_name_hint(str(models_dir))}")
     if (models_dir / MANIFEST).is_file():
         return [models_dir]
     found = sorted(p for p in models_dir.iterdir() if p.is_dir() and (p / MANIFEST).is_file())
     if not found:
         raise BundleError(f"{models_dir} holds no model bundle (no */{MANIFEST})")
     return found
+
+
+# Files of a bundle folder: --models naming one of them means the folder.
+BUNDLE_FILES = (MANIFEST, "encoder.onnx", "decoder.onnx")
+
+
+def _name_hint(text: str) -> str:
+    """For ``--models NAME``: --models takes folders; a model name is exported into one first."""
+    if text in ("default", DEFAULT_MODEL):
+        return " (the default model needs no --models: `histosam serve` alone serves it)"
+    if text in (*BASE_MODELS, *SHIPPED):
+        checkpoint = " --checkpoint FILE" if text in NEEDS_CHECKPOINT else ""
+        return (f" (--models takes bundle folders; for the model {text!r} export one first: "
+                f"histosam export --model {text}{checkpoint} --out {text}, then --models {text})")
+    return ""
 
 
 @dataclass

@@ -121,6 +121,7 @@ class PatchSummary:
     seconds: float = 0.0
     already_complete: bool = False
     classes: list[str] = field(default_factory=list)
+    labels: str | None = None  # a label mask: which label values made the mask
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -323,6 +324,8 @@ def _prepare(config: PatchConfig) -> _Prepared:
             raise InvalidInputError(
                 f"{Path(config.annotations).name} has no annotation classes to extract"
             )
+        if not config.classes and len(classes) > 1 and hasattr(ann, "present_labels"):
+            _refuse_every_label(ann, classes, Path(config.annotations).name)
         exclude = (
             ann.check_classes(config.exclude_classes, excluding=True)
             if config.exclude_classes
@@ -353,6 +356,27 @@ def _prepare(config: PatchConfig) -> _Prepared:
         "tissue_threshold": config.tissue_threshold,
     }
     return _Prepared(slide, ann, classes, exclude, ds, params)
+
+
+def _refuse_every_label(ann: AnnotationSource, classes: list[str], name: str) -> None:
+    """A label mask holding several classes, and no --classes: taking them all as foreground
+    would make stroma and benign tissue "tumour" without a word (PANDA holds 1 = stroma,
+    2 = benign, 3-5 = Gleason)."""
+    labels = ", ".join(str(v) for v in ann.present_labels())  # type: ignore[attr-defined]
+    raise InvalidInputError(
+        f"{name} is a label mask holding {len(classes)} classes ({', '.join(classes)}; labels present: {labels}): "
+        f"say which make the mask, e.g. --classes {classes[-1]} (or name labels with --label-map 3=tumour ...)"
+    )
+
+
+def label_note(ann: AnnotationSource, classes: Sequence[str]) -> str | None:
+    """For a label mask: which label values the classes took (None for vector annotations)."""
+    labels_of = getattr(ann, "labels_of", None)
+    if labels_of is None:
+        return None
+    present = ann.present_labels()  # type: ignore[attr-defined]
+    taken = ", ".join(str(v) for v in labels_of(classes)) or "none"
+    return f"labels {taken} taken as foreground (present: {', '.join(str(v) for v in present)})"
 
 
 def _check_not_upsampled(slide: Slide, config: PatchConfig, ds: float) -> None:
@@ -416,7 +440,8 @@ def extract_patches(config: PatchConfig, *, progress: bool = True, overview: boo
     prep = _prepare(config)
     slide, ann, ds = prep.slide, prep.annotations, prep.downsample
     out = Path(config.out)
-    summary = PatchSummary(out=out, downsample=ds, mpp=slide.mpp_at(ds), classes=prep.classes)
+    summary = PatchSummary(out=out, downsample=ds, mpp=slide.mpp_at(ds), classes=prep.classes,
+                           labels=label_note(ann, prep.classes))
     try:
         if _check_out_dir(out, prep.params):
             summary.already_complete = True
@@ -482,7 +507,11 @@ def extract_patches(config: PatchConfig, *, progress: bool = True, overview: boo
                 jf.flush()
         rows = _read_journal(stage / JOURNAL_FILE)
         kept_rows = [r for r in rows.values() if r["kept"] == "1"]
-        _finalise(stage, out, kept_rows, str(Path(config.slide).name), tissue if overview else None, extent)
+        if not kept_rows:
+            shutil.rmtree(stage)  # nothing to resume: the same arguments give nothing again
+            raise InvalidInputError(_why_empty(config, summary, len(rows), slide.dimensions))
+        drawing = Overview(tissue, extent, ann, prep.classes, prep.exclude, config, ds) if overview else None
+        _finalise(stage, out, kept_rows, str(Path(config.slide).name), drawing)
         summary.n_written = len(kept_rows)
         summary.n_rejected = len(rows) - len(kept_rows)
     finally:
@@ -494,13 +523,27 @@ def extract_patches(config: PatchConfig, *, progress: bool = True, overview: boo
     return summary
 
 
+def _why_empty(config: PatchConfig, summary: PatchSummary, n_judged: int, dimensions: tuple[int, int]) -> str:
+    """Why no patch was kept, and what to change: an empty dataset is no result."""
+    ds, size = summary.downsample, config.size
+    if summary.n_grid == 0:
+        w, h = dimensions
+        return (f"no patch: the {w}x{h} slide is {w / ds:.0f}x{h / ds:.0f} px at downsample {ds:g}, smaller than one "
+                f"{size}-px patch; use a smaller --downsample / larger --magnification, or a smaller --size")
+    if summary.n_tissue == 0:
+        return (f"no patch: none of the {summary.n_grid} grid positions has a tissue fraction of at least "
+                f"--tissue-threshold {config.tissue_threshold:g}; lower it, or check the slide")
+    lo, hi = config.fraction if config.fraction else (0.0, 1.0)
+    return (f"no patch: all {n_judged} patches on tissue have an annotation fraction outside --fraction {lo:g} {hi:g} "
+            f"(classes {', '.join(summary.classes)}); widen --fraction, or check --classes and the annotations")
+
+
 def _finalise(
     stage: Path,
     out: Path,
     kept_rows: Sequence[dict[str, str]],
     slide_name: str,
-    tissue: TissueMask | None,
-    extent: float,
+    overview: Overview | None,
 ) -> None:
     """Manifest + overview into the staging folder, then the staging folder becomes ``out``."""
     kept_rows = sorted(kept_rows, key=lambda r: (int(r["y"]), int(r["x"])))
@@ -517,38 +560,71 @@ def _finalise(
         for r in kept_rows:
             writer.writerow([r["stem"], slide_name, *(r[c] for c in MANIFEST_COLUMNS[2:])])
     os.replace(tmp, stage / MANIFEST_FILE)
-    if tissue is not None:
-        _write_overview(stage / OVERVIEW_FILE, tissue, kept_rows, extent)
+    if overview is not None:
+        _write_overview(stage / OVERVIEW_FILE, overview, kept_rows, slide_name)
     (stage / JOURNAL_FILE).unlink()
     if out.exists():  # an empty folder the user made; rename() cannot replace it
         out.rmdir()
     os.replace(stage, out)
 
 
-def _write_overview(path: Path, tissue: TissueMask, rows: Sequence[dict[str, str]], extent: float) -> None:
-    """Thumbnail, tissue outline (blue) and kept patches coloured by mask fraction."""
+class Overview(NamedTuple):
+    """What overview.png draws besides the kept patches."""
+
+    tissue: TissueMask
+    extent: float  # patch side, level-0 px
+    annotations: AnnotationSource
+    classes: list[str]
+    exclude: list[str]
+    config: PatchConfig
+    downsample: float  # of the patches
+
+
+ANNOTATION_COLOUR = "magenta"  # overview.png: the annotation's outline
+TISSUE_COLOUR = "tab:blue"
+
+
+def _write_overview(path: Path, overview: Overview, rows: Sequence[dict[str, str]], slide_name: str) -> None:
+    """Thumbnail with the tissue outline (blue), the annotation outline (magenta) and the kept
+    patches coloured by mask fraction, with a legend and a colour bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Rectangle
 
+    tissue, extent = overview.tissue, overview.extent
     h, w = tissue.mask.shape
     shrink = max(1.0, max(h, w) / OVERVIEW_MAX_SIDE)  # a picture, not a measurement
     size = (max(1, round(w / shrink)), max(1, round(h / shrink)))
     thumb = cv2.resize(tissue.thumbnail, size, interpolation=cv2.INTER_AREA)
     tissue_small = cv2.resize(tissue.mask.astype(np.float32), size, interpolation=cv2.INTER_AREA)
     d = tissue.downsample * w / size[0]
+    annotation = overview.annotations.rasterise(0, 0, size[0], size[1], d, overview.classes, overview.exclude)
     fig_w = 8.0
-    fig, ax = plt.subplots(figsize=(fig_w, max(2.0, min(24.0, fig_w * h / w))), dpi=100)
+    fig, ax = plt.subplots(figsize=(fig_w, max(2.5, min(24.0, fig_w * h / w))), dpi=100)
     ax.imshow(thumb)
-    ax.contour(tissue_small, levels=[0.5], colors="tab:blue", linewidths=0.6)
+    if tissue_small.min() < 0.5 < tissue_small.max():
+        ax.contour(tissue_small, levels=[0.5], colors=TISSUE_COLOUR, linewidths=0.6)
+    if annotation.any():
+        ax.contour(annotation.astype(np.float32), levels=[0.5], colors=ANNOTATION_COLOUR, linewidths=1.2)
     cmap = plt.get_cmap("viridis")
     for r in rows:
         frac = float(r["tumour_fraction"])
         ax.add_patch(Rectangle((int(r["x"]) / d, int(r["y"]) / d), extent / d, extent / d,
                                fill=False, edgecolor=cmap(frac), linewidth=0.8))
-    ax.set_title(f"{len(rows)} patches (colour: mask fraction), tissue threshold S>{tissue.threshold:g}", fontsize=9)
+    config = overview.config
+    handles = [
+        Line2D([], [], color=TISSUE_COLOUR, lw=1, label=f"tissue (patches need {config.tissue_threshold:g} of it)"),
+        Line2D([], [], color=ANNOTATION_COLOUR, lw=1.5, label=f"annotation: {', '.join(overview.classes)}"),
+        Line2D([], [], color=cmap(0.5), lw=1, label=f"kept patch ({config.size} px), colour = annotation fraction"),
+    ]
+    ax.legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.85)
+    bar = fig.colorbar(plt.cm.ScalarMappable(cmap=cmap), ax=ax, fraction=0.03, pad=0.01)
+    bar.set_label("annotation fraction of the patch", fontsize=7)
+    ax.set_title(f"{slide_name}: {len(rows)} patches of {config.size} px at downsample {overview.downsample:g}",
+                 fontsize=9)
     ax.set_axis_off()
     fig.tight_layout()
     fig.savefig(path)

@@ -82,6 +82,23 @@ def default_dest(qupath_dir: Path | None) -> Path:
     return Path.home() / ".histosam" / "qupath-scripts"
 
 
+def check_qupath_dir(qupath_dir: Path) -> str | None:
+    """Refuse a --qupath-dir that does not exist (a typo would otherwise become a new folder
+    QuPath never reads); a note when it exists but holds nothing of QuPath's yet."""
+    folder = Path(qupath_dir).expanduser()
+    if not folder.exists():
+        raise InvalidInputError(
+            f"--qupath-dir {qupath_dir} does not exist: give QuPath's user folder (QuPath shows it under Edit > "
+            "Preferences > 'QuPath user directory', e.g. ~/QuPath/v0.5), or install into any folder with --dest DIR"
+        )
+    if not folder.is_dir():
+        raise InvalidInputError(f"--qupath-dir {qupath_dir} is not a folder")
+    if not any((folder / sub).is_dir() for sub in ("extensions", "scripts")):
+        return (f"note: {folder} has no extensions/ or scripts/ folder yet, so it may not be QuPath's user folder; "
+                "the scripts go to its scripts/histosam")
+    return None
+
+
 def groovy_string(text: str) -> str:
     """A single-quoted Groovy string literal (Windows paths keep their backslashes)."""
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"

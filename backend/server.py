@@ -10,8 +10,8 @@ What the service does per RPC is in ``segmentation.proto``; the state (embedding
 sessions, prompt history) is in ``histosam.backend.sessions``. Every user-facing error is a
 ``HistosamError`` mapped to one status code with one message; anything else is logged with
 its traceback and answered INTERNAL, and the server keeps serving. Next to the service run the
-standard ``grpc.health.v1`` health service (exempt from the token) and server reflection, so
-grpcurl-style tools work. Never imports torch (the default bundle comes from the cache; see
+standard ``grpc.health.v1`` health service (exempt from the token) and server reflection (v1
+and v1alpha), so grpcurl-style tools work. Never imports torch (the default bundle comes from the cache; see
 ``histosam.backend.models``).
 """
 
@@ -33,7 +33,6 @@ import cv2
 import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from histosam.backend import __version__
 from histosam.backend.edge_snap import EdgeSnapSettings, snap_mask, working_lab
@@ -62,6 +61,7 @@ from histosam.backend.propagation import (
     click_ignored,
     model_confidence,
 )
+from histosam.backend.reflection import enable_reflection
 from histosam.backend.sessions import (
     Embedding,
     EmbeddingCache,
@@ -316,21 +316,33 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
 
     # -- plumbing
     def _call(self, context: grpc.ServicerContext, name: str, fn: Callable[[], Any], request: Any = None) -> Any:
-        """Run ``fn``; map HistosamError to its status, anything else to INTERNAL (logged)."""
-        if isinstance(request, MalformedRequest):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"{name}: the request is not a valid {request.message_type} message ({request.error})")
-        if self.models is None:  # bound, still loading: the health status says NOT_SERVING
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is still loading its models: retry shortly")
+        """Run ``fn``; map HistosamError to its status, anything else to INTERNAL (logged).
+
+        Every request is logged at INFO with its status and latency (``--log-level WARNING``
+        silences them), so a server's log shows its traffic, not only its failures.
+        """
+        started = time.perf_counter()
+        outcome = "OK"
         try:
-            return fn()
-        except HistosamError as exc:
-            code, message = status_for(exc), str(exc)
-            log.info("%s -> %s: %s", name, code.name, message)
-        except Exception as exc:  # noqa: BLE001 - a bug must not take the server down
-            log.exception("%s failed", name)
-            code, message = grpc.StatusCode.INTERNAL, f"internal server error in {name}: {type(exc).__name__}: {exc}"
-        context.abort(code, message)  # raises: grpc ends the call with this status
+            if isinstance(request, MalformedRequest):
+                outcome = "INVALID_ARGUMENT: not a valid message"
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"{name}: the request is not a valid {request.message_type} message ({request.error})")
+            if self.models is None:  # bound, still loading: the health status says NOT_SERVING
+                outcome = "UNAVAILABLE: still loading"
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the server is still loading its models: retry shortly")
+            try:
+                return fn()
+            except HistosamError as exc:
+                code, message = status_for(exc), str(exc)
+            except Exception as exc:  # noqa: BLE001 - a bug must not take the server down
+                log.exception("%s failed", name)
+                code, message = grpc.StatusCode.INTERNAL, f"internal server error in {name}: {type(exc).__name__}: {exc}"
+            outcome = f"{code.name}: {message[:300]}"
+            context.abort(code, message)  # raises: grpc ends the call with this status
+        finally:
+            if log.isEnabledFor(logging.INFO):
+                log.info("%s %s %.1f ms from %s", name, outcome, (time.perf_counter() - started) * 1e3, context.peer())
 
     # -- RPCs
     def GetServerInfo(self, request, context):
@@ -675,6 +687,32 @@ def _check_port_free(host: str, port: int, bind: str) -> None:
         raise HistosamError(f"cannot listen on {bind}: the address is in use (another server on port {port}?)")
 
 
+def check_tls_pair(cert: Path, key: Path) -> tuple[bytes, bytes]:
+    """(key, certificate chain) PEM bytes, checked to be a usable pair before gRPC sees them:
+    gRPC reports a bad one only as C-core log lines and a failure to bind the port."""
+    import ssl
+
+    data = {}
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
+        try:
+            data[flag] = path.read_bytes()
+        except OSError as exc:
+            raise NotFoundError(f"{flag} {path} cannot be read: {exc.strerror or exc}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in data["--tls-cert"]:
+        raise InvalidInputError(f"--tls-cert {cert} is not a PEM certificate (no -----BEGIN CERTIFICATE-----)")
+    if b"PRIVATE KEY-----" not in data["--tls-key"]:
+        raise InvalidInputError(f"--tls-key {key} is not a PEM private key (no -----BEGIN ... PRIVATE KEY-----)")
+    if b"ENCRYPTED" in data["--tls-key"]:
+        raise InvalidInputError(f"--tls-key {key} is encrypted: gRPC needs an unencrypted key")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=b"")
+    except ssl.SSLError as exc:
+        reason = "the key does not belong to the certificate" if exc.reason == "KEY_VALUES_MISMATCH" else \
+            f"they cannot be used together ({exc.reason or exc})"
+        raise InvalidInputError(f"--tls-cert {cert} and --tls-key {key}: {reason}") from None
+    return data["--tls-key"], data["--tls-cert"]
+
+
 @dataclass
 class SegmentationServer:
     """A running (after ``start``) gRPC server; ``stop`` ends it gracefully."""
@@ -728,15 +766,12 @@ class SegmentationServer:
         for name in ("", SERVICE_NAME):
             self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)  # v1 and v1alpha
         bind = f"[{s.host}]:{s.port}" if ":" in s.host and not s.host.startswith("[") else f"{s.host}:{s.port}"
         _check_port_free(s.host, s.port, bind)
         try:
             if s.tls_cert is not None and s.tls_key is not None:
-                try:
-                    pair = (Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())
-                except OSError as exc:
-                    raise NotFoundError(f"cannot read the TLS key or certificate: {exc}") from None
+                pair = check_tls_pair(Path(s.tls_cert), Path(s.tls_key))
                 port = server.add_secure_port(bind, grpc.ssl_server_credentials([pair]))
             else:
                 port = server.add_insecure_port(bind)

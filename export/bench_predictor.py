@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from histosam.backend.commands.bench import progress
     from histosam.backend.onnx_predictor import OnnxPredictor
     from histosam.export.exporter import ensure_bundle
     from histosam.export.parity import synthetic_image
@@ -44,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     source = resolve_source(args.model, args.checkpoint)
+    progress("predictor", f"model {args.model}: its ONNX bundle (exported on first use: a minute or more)...")
     bundle = ensure_bundle(args.model, args.checkpoint)
+    progress("predictor", "loading the PyTorch and ONNX predictors...")
     tp = TorchPredictor(load_model_from_source(source), name=args.model)
     op = OnnxPredictor.from_bundle(bundle, threads=args.threads)
     h, w = args.size
@@ -55,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     for predictor in (tp, op):  # warm-up, not timed
         predictor.set_image(image)
         predictor.predict([[w / 2, h / 2]], [1])
-    for _ in range(args.encodes):
+    for i in range(args.encodes):
+        progress("predictor", f"encoder {i + 1}/{args.encodes} (torch, then onnx)")
         for predictor, key in ((tp, "torch"), (op, "onnx")):
             start = time.perf_counter()
             predictor.set_image(image)
@@ -66,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     for i in range(args.clicks):
         if i % 5 == 0:  # evaluator-like sequences of up to 5 clicks, previous logits fed back
             points, labels, prev = [], [], {"torch": None, "onnx": None}
+            progress("predictor", f"clicks {i + 1}-{min(i + 5, args.clicks)} of {args.clicks} (torch, then onnx)")
         points.append([float(rng.uniform(0, w)), float(rng.uniform(0, h))])
         labels.append(int(rng.integers(0, 2)) if points[1:] else 1)
         for predictor, key in ((tp, "torch"), (op, "onnx")):

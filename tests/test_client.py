@@ -185,7 +185,7 @@ def test_cli_client_info_open_click(server, image_file, tmp_path, capsys):
     opened = json.loads(out)
     assert code == 0 and opened["width"] == 320 and opened["frame"]["downsample"] == 4
     mask_out, geojson_out = tmp_path / "mask.png", tmp_path / "out.geojson"
-    code, out, _ = run_cli(capsys, "client", "--server", server.address, "click", "--image", str(image_file),
+    code, out, _ = run_cli(capsys, "client", "--server", server.address, "click", "--json", "--image", str(image_file),
                            "--point", "160,120", "--point", "60,40,-", "--box", "0,0,300,200", "--min-area", "0",
                            "--mask-out", str(mask_out), "--geojson-out", str(geojson_out), "--close")
     clicked = json.loads(out)
@@ -199,10 +199,10 @@ def test_cli_client_info_open_click(server, image_file, tmp_path, capsys):
     features = json.loads(geojson_out.read_text())["features"]
     assert features and features[0]["properties"]["objectType"] == "annotation"
     # On an existing session by id.
-    code, out, _ = run_cli(capsys, "client", "--server", server.address, "click", "--session",
+    code, out, _ = run_cli(capsys, "client", "--server", server.address, "click", "--json", "--session",
                            opened["session_id"], "--point", "500,600")
     assert code == 0 and json.loads(out)["num_points"] == 1 and not json.loads(out)["propagated"]
-    code, out, _ = run_cli(capsys, "client", "--server", server.address, "click", "--session",
+    code, out, _ = run_cli(capsys, "client", "--server", server.address, "click", "--json", "--session",
                            opened["session_id"], "--point", "500,600", "--propagation", "on")
     assert code == 0 and json.loads(out)["propagated"] and json.loads(out)["decoded_steps"] == 0
     # Errors: one line, the error's exit code.
@@ -290,7 +290,7 @@ def test_cli_click_refuses_bad_outputs_and_mixed_sources_before_clicking(server,
         code, out, err = run_cli(capsys, *base, "click", "--point", "160,120", *extra)
         assert code != 0 and message in err and len(err.strip().splitlines()) == 1 and not out
     # Nothing reached the session: its first click still starts from one point.
-    code, out, _ = run_cli(capsys, *base, "click", "--session", session, "--point", "160,120")
+    code, out, _ = run_cli(capsys, *base, "click", "--json", "--session", session, "--point", "160,120")
     assert code == 0 and json.loads(out)["num_points"] == 1
     code, _, err = run_cli(capsys, *base, "open", "--slide", "x.svs", "--region", "0", "0", "10", "10",
                            "--downsample", "0")

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from histosam.backend.cli import main
+from histosam.backend.cli import build_parser, main
 from histosam.backend.errors import InvalidInputError, NotFoundError
 from histosam.backend.evaluation import (
     EvalConfig,
@@ -312,9 +312,11 @@ def test_cli_end_to_end_with_a_baseline_on_real_patches(data_dir, tmp_path, caps
 def test_cli_bad_input_is_one_line_and_an_exit_code(tmp_path, capsys):
     assert main(["evaluate", "--backend", "grabcut", "--data", str(tmp_path / "nope"),
                  "--out", str(tmp_path / "o")]) == 3
+    # No --model: the default model, as the help says; the data is what is wrong here.
     assert main(["evaluate", "--backend", "onnx", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "needs --model" in err[1]
+    assert len(err) == 2 and "needs images/ and masks/" in err[1] and "--model" not in err[1]
+    assert build_parser().parse_args(["evaluate", "--data", "d", "--out", "o"]).model == "default"
 
 
 @pytest.mark.slow

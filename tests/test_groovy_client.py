@@ -515,3 +515,26 @@ def test_real_lite_medsam_through_groovy(groovy_env, lite_bundle, data_dir, tmp_
     mask = cv2.imread(step["mask"], cv2.IMREAD_UNCHANGED) > 0
     assert np.array_equal(polygons_to_mask(rings_to_polygons(step["rings"]), mask.shape), mask)
     assert mask.any() and step["mask_pixels"] == mask.sum()  # the model's quality is evaluate's business
+
+
+def test_qupath_ping_runs_the_scripts_client_against_a_server(groovy_env, server, tmp_path, capsys):
+    """`histosam qupath ping`: the user's headless check of Groovy, the jars and the scripts."""
+    from histosam.backend.cli import main
+
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    code = main(["qupath", "ping", "--server", server.address, "--token-file", str(token)])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    (line,) = [x for x in out.out.splitlines() if x.strip()]
+    assert f"at {server.address} answers the QuPath client: models tiny_sam" in line
+    # The installed layout, with its own settings file (the token lives there): the same answer.
+    installed = install_scripts(tmp_path / "scripts", server=server.address, token_file=token).dest
+    assert main(["qupath", "ping", "--scripts", str(installed)]) == 0
+    assert "models tiny_sam" in capsys.readouterr().out
+    # A wrong token: the client's own one-line message, exit 1.
+    token.write_text("not-the-token\n")
+    assert main(["qupath", "ping", "--server", server.address, "--token-file", str(token)]) == 1
+    out = capsys.readouterr()
+    (line,) = [x for x in out.err.splitlines() if x.strip()]
+    assert "UNAUTHENTICATED" in line and out.out == ""

@@ -14,6 +14,7 @@ import json
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +55,16 @@ def export_decoder(model, path: Path) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in feats.items()}
 
 
-def measure(model_name: str, variants: list[str], rounds: int, threads: int) -> dict[str, Any]:
+def measure(model_name: str, variants: list[str], rounds: int, threads: int,
+            progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     from histosam.backend.onnx_predictor import make_session
     from histosam.training.models.decoders import build_decoder
     from histosam.training.models.registry import build_model
 
     sessions = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for v in variants:
+        for i, v in enumerate(variants):
+            progress(f"building and exporting decoder {v} ({i + 1}/{len(variants)})...")
             base = build_model(model_name)
             model = base if v == "stock" else build_decoder(base, {"variant": v})
             path = Path(tmp) / f"{v}.onnx"
@@ -80,6 +83,7 @@ def measure(model_name: str, variants: list[str], rounds: int, threads: int) -> 
             sess.run(None, feeds)  # warm-up
             sessions[v] = (sess, feeds, (Path(tmp) / f"{v}.onnx").stat().st_size)
         times: dict[str, list[float]] = {v: [] for v in variants}
+        progress(f"timing {rounds} clicks on each of {len(variants)} decoders...")
         for _ in range(rounds):
             for v in variants:
                 sess, feeds, _ = sessions[v]
@@ -96,7 +100,10 @@ def measure(model_name: str, variants: list[str], rounds: int, threads: int) -> 
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    result = measure(args.model, list(args.variants), args.rounds, args.threads)
+    from histosam.backend.commands.bench import progress
+
+    result = measure(args.model, list(args.variants), args.rounds, args.threads,
+                     lambda text: progress("decoders", text))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     for v, r in result["decoders"].items():

@@ -21,6 +21,13 @@ BENCHES: dict[str, str] = {
 }
 
 
+def progress(bench: str, text: str) -> None:
+    """A progress line on stderr (stdout holds the results): benches run for tens of seconds."""
+    import sys
+
+    print(f"histosam bench {bench}: {text}", file=sys.stderr, flush=True)
+
+
 def _resolve(target: str):
     module_name, _, function = target.partition(":")
     return getattr(importlib.import_module(module_name), function)

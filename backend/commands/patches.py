@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 
-def add_patch_arguments(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
+def add_patch_arguments(p: argparse.ArgumentParser, *, out_required: bool = True, out_help: str | None = None) -> None:
     """The extraction arguments shared by `patches` and `bench patches`."""
     p.add_argument("--slide", type=Path, required=True, help="whole-slide image (anything OpenSlide reads)")
     p.add_argument(
@@ -45,7 +45,8 @@ def add_patch_arguments(p: argparse.ArgumentParser, *, out_required: bool = True
         help="class names of a label mask's values, e.g. 3=tumour 4=tumour 5=tumour",
     )
     p.add_argument("--label-channel", type=int, default=0, help="channel of a label mask holding the label (default: 0)")
-    p.add_argument("--out", type=Path, required=out_required, help="output dataset folder (written atomically)")
+    p.add_argument("--out", type=Path, required=out_required,
+                   help=out_help or "output dataset folder (written atomically)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -98,9 +99,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"{summary.out}: already complete ({summary.n_written} patches), nothing to do")
         return 0
     mpp = f", {summary.mpp:.3f} µm/px" if summary.mpp else ""
+    labels = f": {summary.labels}" if summary.labels else ""
     print(
         f"{summary.out}: {summary.n_written} patches (downsample {summary.downsample:g}{mpp}, "
-        f"classes {', '.join(summary.classes)}); {summary.n_grid} grid positions, "
+        f"classes {', '.join(summary.classes)}{labels}); {summary.n_grid} grid positions, "
         f"{summary.n_tissue} on tissue, {summary.n_rejected} outside the fraction range, "
         f"{summary.n_resumed} done by an earlier run; {summary.seconds:.1f} s"
     )
@@ -116,7 +118,8 @@ def register_bench(p: argparse.ArgumentParser) -> None:
     The registry entry of `histosam bench patches` (see commands/bench.py): adds the
     extraction arguments and sets ``bench_func``.
     """
-    add_patch_arguments(p, out_required=False)
+    add_patch_arguments(p, out_required=False, out_help="write the measurements to this JSON file (the patches "
+                        "themselves go to a temporary folder that is removed)")
     p.set_defaults(bench_func=run_bench)
     p.description = (
         "Extract patches into a temporary folder and report patches per second and peak "

@@ -5,6 +5,7 @@
     histosam qupath export-patches --project P.qpproj --classes Tumor --mpp 1 --out DIR      (paquo)
     histosam qupath import-predictions --geojson PRED.geojson --into EXPORT.geojson [--dry-run]
     histosam qupath import-predictions --geojson S1.geojson S2.geojson --project P.qpproj    (paquo)
+    histosam qupath ping [--server HOST:PORT] [--token-file F] [--scripts DIR] [--jars DIR]
 
 The logic lives in ``histosam.backend.qupath_install`` and ``histosam.backend.qupath_sync``.
 """
@@ -34,6 +35,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     inst.add_argument("--token-file", type=Path, metavar="F", help="token file written into histosam.properties")
     inst.add_argument("--dry-run", action="store_true", help="say what would be written, write nothing")
     inst.set_defaults(func=run_install)
+
+    png = actions.add_parser(
+        "ping", help="check the QuPath side without QuPath: the scripts' Groovy client asks a server for its info",
+        description="Run HistosamClient.groovy (the client the QuPath scripts use) under Groovy on the grpc-java "
+                    "jars, with the settings the scripts would read, against a server: one line and exit 0 when "
+                    "it answers, the client's own message and exit 1 when not. Needs groovy and a JDK.")
+    png.add_argument("--server", metavar="HOST:PORT", help="default: the scripts' settings (localhost:50051)")
+    png.add_argument("--token-file", type=Path, metavar="F", help="file holding the server's token")
+    png.add_argument("--tls", action="store_true", help="connect with TLS")
+    png.add_argument("--scripts", type=Path, metavar="DIR",
+                     help="an installed scripts folder, with its histosam.properties (default: this histosam's scripts)")
+    png.add_argument("--jars", type=Path, metavar="DIR",
+                     help="folder of the grpc-java jars, e.g. a copy of QuPath's extensions folder plus the guava "
+                          "QuPath ships (default: Debian's packaged grpc-java in /usr/share/java)")
+    png.add_argument("--timeout", type=float, default=10.0, metavar="S", help="deadline of the call (default 10)")
+    png.set_defaults(func=run_ping)
 
     exp = actions.add_parser(
         "export-patches", help="annotations of chosen classes -> a patch dataset (images/, masks/, manifest.csv)",
@@ -87,11 +104,15 @@ def run_install(args: argparse.Namespace) -> int:
         ALREADY_IN_QUPATH,
         QUPATH_JARS,
         check_jars,
+        check_qupath_dir,
         default_dest,
         install_scripts,
     )
 
+    note = check_qupath_dir(args.qupath_dir) if args.qupath_dir is not None else None
     dest = args.dest if args.dest is not None else default_dest(args.qupath_dir)
+    if note:
+        print(note)
     report = install_scripts(dest, server=args.server, token_file=args.token_file, dry_run=args.dry_run)
     verb = "would write" if args.dry_run else "wrote"
     print(f"{report.dest}: {verb} {', '.join(report.written)}"
@@ -106,6 +127,17 @@ def run_install(args: argparse.Namespace) -> int:
     print(f"  (already in QuPath, do not add: {', '.join(ALREADY_IN_QUPATH)})")
     print(f"Run {report.dest / 'histosam_interactive.groovy'} from QuPath's script editor.")
     return 0
+
+
+def run_ping(args: argparse.Namespace) -> int:
+    import sys
+
+    from histosam.backend.qupath_ping import ping
+
+    result = ping(server=args.server, token_file=args.token_file, tls=args.tls, scripts=args.scripts,
+                  jars=args.jars, timeout=args.timeout)
+    print(result.line, file=sys.stdout if result.ok else sys.stderr)
+    return 0 if result.ok else 1
 
 
 def _patch_options(args: argparse.Namespace) -> dict:

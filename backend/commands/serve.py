@@ -71,10 +71,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "never (off: the model's raw masks, ~2.5x faster per click on a CPU)")
     p.add_argument("--edge-snap-config", type=Path, default=S, metavar="F",
                    help="YAML of edge-snap settings (default: the shipped edge_snap.yaml)")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default=S, choices=LOG_LEVELS,
+                   help="INFO (default): every request with its status and latency; WARNING: only problems")
     p.set_defaults(func=run)
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 SETTING_FLAGS = (
     "host", "port", "models", "default_model", "slide_root", "token_file", "tls_cert", "tls_key", "threads",
     "max_concurrent_rpcs", "max_concurrent_encodes", "ort_threads", "prefer_gpu", "cache_bytes", "session_idle_seconds", "max_sessions", "max_pixels",
@@ -124,7 +126,21 @@ def settings_from_args(args: argparse.Namespace):
     for flag in SETTING_FLAGS:
         if hasattr(args, flag):
             merged[flag] = getattr(args, flag)
+    merged.pop("log_level", None)  # the CLI's logging, not a server setting (see log_level_from_args)
     return ServerSettings.from_mapping(merged)
+
+
+def log_level_from_args(args: argparse.Namespace) -> str:
+    """--log-level, else the config file's log-level, else INFO."""
+    from histosam.backend.errors import InvalidInputError
+
+    level = getattr(args, "log_level", None)
+    if level is None and getattr(args, "config", None) is not None:
+        level = load_config(args.config).get("log_level")
+    level = str(level or "INFO").upper()
+    if level not in LOG_LEVELS:
+        raise InvalidInputError(f"log-level must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    return level
 
 
 def _is_loopback(host: str) -> bool:
@@ -139,6 +155,7 @@ def _is_loopback(host: str) -> bool:
 def run(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
+    level = log_level_from_args(args)
     # Our own handler on the "histosam" logger (not basicConfig): removed again on return, so
     # running the command in-process (tests, notebooks) leaves the logging setup as it was.
     logger = logging.getLogger("histosam")
@@ -146,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     old_level = logger.level
     logger.addHandler(handler)
-    logger.setLevel(getattr(logging, args.log_level))
+    logger.setLevel(getattr(logging, level))
     try:
         return _serve(settings)
     finally:
