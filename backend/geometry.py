@@ -247,9 +247,8 @@ def mask_to_polygons(
 
 
 # Crossings rasterised at once, and rows per band: _fill works band by band so that its working
-# memory stays bounded (~60 bytes per crossing in flight) whatever the polygons. A zigzag ring
-# crossing every row with each edge once took 54 bytes per crossing in one piece: 1.1 GB for a
-# 640 kB request.
+# memory stays bounded (tens of bytes per crossing in flight) whatever the polygons; in one
+# piece, a zigzag ring whose every edge crosses every row cost gigabytes for a small request.
 FILL_CHUNK_CROSSINGS = 1 << 18
 FILL_BAND_ROWS = 512
 

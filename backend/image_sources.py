@@ -110,9 +110,9 @@ def decode_mask_png(data: bytes, height: int, width: int) -> np.ndarray:
     """A mask prompt PNG (non-zero grey = inside) -> (H, W) bool; it must be image-sized.
 
     Decoded straight to 8-bit grey as it is read (16-bit images keep their top 8 bits, alpha
-    is ignored), so it costs 2 bytes per pixel whatever its depth and channels: decoding it
-    as an image (RGBA, 16 bit, composited in float) cost ~60 bytes per pixel, 1 GB for one
-    4096^2 prompt of 131 kB.
+    is ignored), so it costs 2 bytes per pixel whatever its depth and channels: decoded as an
+    image (RGBA, 16 bit, composited in float) a small, highly compressed prompt cost tens of
+    bytes per pixel of memory that no limit counted.
     """
     import cv2
 

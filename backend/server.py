@@ -91,10 +91,9 @@ PROPAGATION_CHOICES = {"off": pb.PROPAGATION_OFF, "on": pb.PROPAGATION_ON, "auto
 # region), but not so far that rasterising them overflows (1e308 / downsample = inf).
 MAX_PROMPT_PIXEL_COORD = 1e9
 # Mask-prompt polygons: vertices in one click (4 MB of coordinates), and (edge, pixel row)
-# crossings per image pixel. Rasterising costs time per crossing: a zigzag ring whose every
-# edge spans the image took 6.9 s (and, in one piece, 1.1 GB) for 40k vertices on 775x522,
-# while an annotation's outline crosses a row a few times (0.25 per pixel = 194 per row of
-# 775 pixels).
+# crossings per image pixel. Rasterising costs time per crossing, and a zigzag ring whose every
+# edge spans the image makes vertices x rows of them, while an annotation's outline crosses a
+# row a few times (0.25 per pixel allows 194 crossings per row of 775 pixels).
 MAX_PROMPT_VERTICES = 250_000
 MAX_PROMPT_CROSSINGS_PER_PIXEL = 0.25
 TOKEN_METADATA_KEYS = ("authorization", "x-histosam-token")

@@ -21,13 +21,14 @@ Why this shape:
   a shorter list (undo) or the same list again (a retry) is answered from the history, a
   changed earlier point starts a new chain, and a session rebuilt after a re-open replays the
   missing steps to the very same answer.
-* Those histories count against the same byte budget as the embeddings (``ByteLedger``): 128
-  sessions of 33-point histories held 1.3 GB while the cache reported 4.5 MB. Over the budget,
-  the histories of the least recently used sessions are trimmed first (a trimmed history costs
-  only decoder steps to replay), then embeddings are evicted.
+* Those histories count against the same byte budget as the embeddings (``ByteLedger``):
+  uncounted, a server's sessions could hold many times the budget while the cache reported a
+  few MB. Over the budget, the histories of the least recently used sessions are trimmed first
+  (a trimmed history costs only decoder steps to replay), then embeddings are evicted.
 * One click runs per session at a time, and at most ``MAX_WAITING_CLICKS`` more wait for it;
-  further clicks on that session are refused at once (RESOURCE_EXHAUSTED). Twelve concurrent
-  clicks on one session otherwise sat on every server thread, starving all other clients.
+  further clicks on that session are refused at once (RESOURCE_EXHAUSTED). Otherwise a burst of
+  clicks on one session sat on every server thread, waiting on its lock, and starved all other
+  clients.
   Long work checks a ``cancelled`` callable between steps, so a cancelled call (client gone,
   deadline, server shutdown) stops within one decoder step.
 """
