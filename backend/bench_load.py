@@ -47,6 +47,9 @@ def register_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu", action="store_true", help="CPU provider even when CUDA is available")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench-load.json"), help="JSON results (default %(default)s)")
+    p.add_argument("--hostile", action="store_true",
+                   help="run the honest clients (--clients - 1) twice, alone and beside one hostile client (the attacks "
+                   "of issue 22), and report their p50/p99 side by side")
     p.set_defaults(bench_func=run_bench)
 
 
@@ -232,6 +235,8 @@ def run_bench(args: argparse.Namespace) -> int:
     from histosam.backend.client import SegmentationClient
     from histosam.backend.errors import InvalidInputError
 
+    if getattr(args, "hostile", False):
+        return run_hostile_bench(args)
     if args.clients < 1 or args.clicks < 1:
         raise InvalidInputError("--clients and --clicks must be positive")
     pairs, source = load_pairs(args.clients, args.images, args.seed)
@@ -369,3 +374,182 @@ def _print_summary(r: dict[str, Any], out: Path, plot: Path) -> None:
     if r["final_iou_mean"] is not None:
         print(f"  final IoU mean  {r['final_iou_mean']:.3f}")
     print(f"  wrote {out} and {plot}")
+
+
+# --------------------------------------------------------------------------- one hostile client
+
+
+def _hostile_argv(args: argparse.Namespace, clients: int) -> list[str]:
+    argv = [sys.executable, "-m", "histosam.backend.cli", "serve", "--port", "0", "--threads", str(args.threads),
+            "--max-sessions", str(max(128, 4 * clients)), "--log-level", "WARNING"]
+    for flag, value in (("--models", args.models), ("--ort-threads", args.ort_threads), ("--cache-bytes", args.cache_bytes)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv + (["--cpu"] if args.cpu else [])
+
+
+def _hostile_requests(rgb: np.ndarray, max_points: int, seed: int) -> tuple[bytes, list[tuple[str, str, Any]]]:
+    """The image's PNG, and the attacks of issue 22 as (name, call, request factory): each was
+    once answered INTERNAL, held memory beyond every limit, or held the server's threads."""
+    import cv2
+
+    from histosam.v1 import segmentation_pb2 as pb
+
+    h, w = rgb.shape[:2]
+    rng = np.random.default_rng(seed)
+    xs = np.linspace(0, w, 20_000)
+    zig = pb.Polygon(exterior=np.stack([xs, np.where(np.arange(xs.size) % 2, -1.0, h + 1.0)], 1).ravel().tolist())
+    mask16 = np.zeros((h, w, 4), np.uint16)
+    cv2.circle(mask16, (w // 2, h // 2), min(h, w) // 4, (65535, 65535, 65535, 65535), -1)
+    mask_png = cv2.imencode(".png", mask16)[1].tobytes()
+    thin = cv2.imencode(".png", np.full((2, 1100), 128, np.uint8))[1].tobytes()
+    image = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))[1].tobytes()
+
+    def points(n: int) -> list:
+        return [pb.Point(x=float(x), y=float(y), positive=bool(i % 3))
+                for i, (x, y) in enumerate(rng.uniform((0, 0), (w, h), (n, 2)))]
+
+    return image, [
+        ("flood", "click", lambda sid: pb.ClickRequest(session_id=sid, points=points(max_points))),
+        ("zigzag", "click", lambda sid: pb.ClickRequest(session_id=sid, points=points(1), mask_prompt_polygons=[zig])),
+        ("mask16", "click", lambda sid: pb.ClickRequest(session_id=sid, points=points(1), mask_prompt_png=mask_png)),
+        ("tolerance", "click", lambda sid: pb.ClickRequest(session_id=sid, points=points(1), simplify_tolerance=1e30)),
+        ("frame", "open", lambda sid: pb.OpenImageRequest(encoded_image=image, frame=pb.Frame(
+            origin_x=1e308, origin_y=1e308, downsample=1e308))),
+        ("thin", "open", lambda sid: pb.OpenImageRequest(encoded_image=thin)),
+    ]
+
+
+def hostile_client(target: str, rgb: np.ndarray, max_points: int, stop: threading.Event,
+                   counts: dict[str, int], lock: threading.Lock, seed: int, flood: int = 8) -> None:
+    """One client on its own channel, attacking until ``stop``: ``flood`` threads at once
+    cycling through the attacks (most aim at one session of its own)."""
+    import grpc
+
+    from histosam.v1 import segmentation_pb2 as pb
+    from histosam.v1 import segmentation_pb2_grpc as pb_grpc
+
+    image, attacks = _hostile_requests(rgb, max_points, seed)
+    with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+        stub = pb_grpc.SegmentationStub(channel)
+        sid = stub.OpenImage(pb.OpenImageRequest(encoded_image=image), timeout=600).session_id
+
+        def attack(worker: int) -> None:
+            i = worker
+            while not stop.is_set():
+                name, kind, make = attacks[i % len(attacks)]
+                i += 1
+                call = stub.Click if kind == "click" else stub.OpenImage
+                try:
+                    call(make(sid), timeout=120)
+                    code = "OK"
+                except grpc.RpcError as exc:
+                    code = exc.code().name
+                with lock:
+                    counts[f"{name}:{code}"] = counts.get(f"{name}:{code}", 0) + 1
+
+        workers = [threading.Thread(target=attack, args=(k,), daemon=True) for k in range(flood)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+
+
+def _honest_phase(target: str, pairs, clicks: int, max_points: int, hostile: tuple | None) -> dict[str, Any]:
+    """The honest clients' click phase, with the hostile client attacking throughout or not."""
+    from tqdm import tqdm
+
+    logs = [ClientLog() for _ in pairs]
+    start = threading.Barrier(len(pairs) + 1)
+    stop = threading.Event()
+    counts: dict[str, int] = {}
+    attacker = None
+    if hostile is not None:
+        rgb, seed = hostile
+        attacker = threading.Thread(target=hostile_client, daemon=True,
+                                    args=(target, rgb, max_points, stop, counts, threading.Lock(), seed))
+        attacker.start()
+        time.sleep(1.0)  # the attack is under way before the honest clients start
+    with tqdm(total=len(pairs) * clicks, desc="hostile" if hostile else "calm", unit="click") as progress:
+        threads = [threading.Thread(target=click_like_the_evaluator,
+                                    args=(target, rgb, gt, clicks, max_points, start, log, progress))
+                   for (_, rgb, gt), log in zip(pairs, logs, strict=True)]
+        for t in threads:
+            t.start()
+        start.wait()
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+    stop.set()
+    if attacker is not None:
+        attacker.join(300)
+    latencies = [v for log in logs for v in log.latencies]
+    errors = [e for log in logs for e in log.errors]
+    return {"honest_clicks": len(latencies), "click_phase_seconds": wall,
+            "honest_clicks_per_second": len(latencies) / wall if wall > 0 else 0.0,
+            "honest_click_latency": _percentiles(latencies), "honest_errors": len(errors),
+            "honest_error_messages": errors[:20], "hostile_calls": dict(sorted(counts.items()))}
+
+
+def run_hostile_bench(args: argparse.Namespace) -> int:
+    """`histosam bench load --hostile`: ``--clients - 1`` honest clients clicking, first alone,
+    then with one hostile client (the attacks of issue 22, 8 calls at a time) on the same
+    server; the honest clients' p50/p99 of both runs side by side, as JSON and a table."""
+    from histosam.backend.client import SegmentationClient
+    from histosam.backend.errors import InvalidInputError
+
+    if args.clients < 2 or args.clicks < 1:
+        raise InvalidInputError("--hostile needs --clients >= 2 (one of them hostile) and --clicks >= 1")
+    pairs, source = load_pairs(args.clients, args.images, args.seed)
+    honest, hostile_rgb = pairs[:-1], pairs[-1][1]
+    server = ServerProcess(_hostile_argv(args, args.clients))
+    try:
+        target = server.wait_listening(600)
+        with SegmentationClient(target, timeout=600) as probe:
+            probe.wait_ready(600)
+            deadline = time.monotonic() + 600
+            while probe.health() != "SERVING":
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the server never became ready")
+                time.sleep(0.2)
+            info = probe.info()
+        max_points = int(info.limits.max_points)
+        calm = _honest_phase(target, honest, args.clicks, max_points, None)
+        calm["server_peak_rss_bytes"] = server.status_kib("VmHWM") * 1024
+        attacked = _honest_phase(target, honest, args.clicks, max_points, (hostile_rgb, args.seed))
+        attacked["server_peak_rss_bytes"] = server.status_kib("VmHWM") * 1024
+        with SegmentationClient(target, timeout=60) as probe:
+            after = probe.info()
+    finally:
+        server.stop()
+    ratio = {k: attacked["honest_click_latency"][k] / calm["honest_click_latency"][k]
+             for k in ("p50_ms", "p99_ms") if calm["honest_click_latency"][k] > 0}
+    result: dict[str, Any] = {
+        "bench": "load-hostile", "honest_clients": len(honest), "hostile_clients": 1,
+        "clicks_per_client": args.clicks, "images": source, "model": info.default_model,
+        "providers": list(info.providers), "server_threads": args.threads,
+        "without_hostile": calm, "with_hostile": attacked, "honest_latency_ratio": ratio,
+        "server_cache_used_bytes": int(after.cache_used_bytes), "server_session_bytes": int(after.session_bytes),
+        "server_cache_budget_bytes": int(after.limits.cache_bytes),
+        "cpu_count": os.cpu_count(), "machine": platform.platform(),
+    }
+    _write_json(args.out, result)
+    _print_hostile(result, args.out)
+    return 0 if calm["honest_errors"] == 0 and attacked["honest_errors"] == 0 else 1
+
+
+def _print_hostile(r: dict[str, Any], out: Path) -> None:
+    print(f"load bench, hostile: {r['honest_clients']} honest clients x {r['clicks_per_client']} clicks on {r['model']} "
+          f"({', '.join(r['providers'])}), alone and beside 1 hostile client; {r['images']}")
+    print(f"  {'':16} {'p50 ms':>9} {'p99 ms':>9} {'clicks/s':>9} {'errors':>7} {'peak RSS MiB':>13}")
+    for label, key in (("without hostile", "without_hostile"), ("with hostile", "with_hostile")):
+        run = r[key]
+        lat = run["honest_click_latency"]
+        print(f"  {label:16} {lat['p50_ms']:9.1f} {lat['p99_ms']:9.1f} {run['honest_clicks_per_second']:9.2f} "
+              f"{run['honest_errors']:7d} {run['server_peak_rss_bytes'] / 2**20:13.0f}")
+    ratio = r["honest_latency_ratio"]
+    print(f"  {'ratio':16} {ratio.get('p50_ms', float('nan')):9.2f} {ratio.get('p99_ms', float('nan')):9.2f}")
+    calls = r["with_hostile"]["hostile_calls"]
+    print(f"  hostile calls   {sum(calls.values())}: " + ", ".join(f"{k} {v}" for k, v in calls.items()))
+    print(f"  wrote {out}")

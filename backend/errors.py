@@ -37,6 +37,12 @@ class PermissionDeniedError(HistosamError):
     exit_code = 5
 
 
+class CancelledError(HistosamError):
+    """The request was cancelled (client gone, deadline passed, server shutting down) mid-work."""
+
+    exit_code = 130
+
+
 class CheckpointError(HistosamError):
     """A checkpoint is missing, truncated, or does not match the chosen model."""
 

@@ -204,6 +204,9 @@ def mask_to_polygons(
     h, w = m.shape
     if h == 0 or w == 0:
         return []
+    # A tolerance beyond the mask's diagonal simplifies no further (every ring collapses to its
+    # extreme points), and OpenCV refuses huge ones outright (1e30: "Epsilon not valid").
+    simplify_tolerance = min(simplify_tolerance, math.hypot(h, w))
     binary = m.view(np.uint8) if m.dtype == np.bool_ else (m != 0).view(np.uint8)
     # Only the foreground's bounding box is traced: on a large slide region the object is
     # usually small, and the tracing cost follows the traced area.
@@ -243,26 +246,41 @@ def mask_to_polygons(
 # --------------------------------------------------------------------------- polygons -> mask
 
 
-def _crossings(
-    rings: Sequence[np.ndarray], owners: Sequence[int], height: int, width: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Where ring edges cross pixel-centre rows: (rows, cols, owner polygon) per crossing.
+# Crossings rasterised at once, and rows per band: _fill works band by band so that its working
+# memory stays bounded (tens of bytes per crossing in flight) whatever the polygons; in one
+# piece, a zigzag ring whose every edge crosses every row cost gigabytes for a small request.
+FILL_CHUNK_CROSSINGS = 1 << 18
+FILL_BAND_ROWS = 512
 
-    An edge crosses row r when its y-span contains r + 0.5 (half-open, so a vertex exactly on
-    a centre line counts once); ``cols`` is the first pixel whose centre lies at or right of
-    the crossing, clipped to [0, width]. All rings are handled in one vectorised pass.
-    """
+
+def _edges(rings: Sequence[np.ndarray], owners: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every ring edge as (start points, end points, owner polygon), all rings in one array."""
     lengths = np.array([len(r) for r in rings], np.int64)
     p0 = np.concatenate([np.asarray(r, np.float64)[:, :2] for r in rings])
     ring_start = np.repeat(np.cumsum(lengths) - lengths, lengths)
     idx = np.arange(len(p0))
     nxt = np.where(idx + 1 < ring_start + np.repeat(lengths, lengths), idx + 1, ring_start)
-    p1 = p0[nxt]
-    owner = np.repeat(np.asarray(owners, np.int64), lengths)
-    y0, y1, x0, x1 = p0[:, 1], p1[:, 1], p0[:, 0], p1[:, 0]
-    row_start = np.clip(np.ceil(np.minimum(y0, y1) - 0.5), 0, height)
-    row_stop = np.clip(np.ceil(np.maximum(y0, y1) - 0.5), 0, height)
-    counts = np.maximum(row_stop - row_start, 0).astype(np.int64)
+    return p0, p0[nxt], np.repeat(np.asarray(owners, np.int64), lengths)
+
+
+def _row_spans(p0: np.ndarray, p1: np.ndarray, row0: int, row1: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first row, row count) of the pixel-centre rows in [row0, row1) each edge crosses."""
+    y0, y1 = p0[:, 1], p1[:, 1]
+    row_start = np.clip(np.ceil(np.minimum(y0, y1) - 0.5), row0, row1)
+    row_stop = np.clip(np.ceil(np.maximum(y0, y1) - 0.5), row0, row1)
+    return row_start, np.maximum(row_stop - row_start, 0).astype(np.int64)
+
+
+def _crossings(
+    p0: np.ndarray, p1: np.ndarray, owner: np.ndarray, row0: int, row1: int, width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where edges cross pixel-centre rows in [row0, row1): (rows, cols, owner polygon).
+
+    An edge crosses row r when its y-span contains r + 0.5 (half-open, so a vertex exactly on
+    a centre line counts once); ``cols`` is the first pixel whose centre lies at or right of
+    the crossing, clipped to [0, width]. All edges are handled in one vectorised pass.
+    """
+    row_start, counts = _row_spans(p0, p1, row0, row1)
     total = int(counts.sum())
     if total == 0:
         empty = np.empty(0, np.int64)
@@ -270,10 +288,51 @@ def _crossings(
     edge = np.repeat(np.arange(len(p0)), counts)
     first = np.repeat(np.cumsum(counts) - counts, counts)
     rows = row_start[edge].astype(np.int64) + (np.arange(total) - first)
-    t = (rows + 0.5 - y0[edge]) / (y1[edge] - y0[edge])
-    xs = x0[edge] + t * (x1[edge] - x0[edge])
-    cols = np.clip(np.ceil(xs - 0.5), 0, width).astype(np.int64)
+    y0, y1, x0, x1 = p0[edge, 1], p1[edge, 1], p0[edge, 0], p1[edge, 0]
+    t = (rows + 0.5 - y0) / (y1 - y0)
+    cols = np.clip(np.ceil(x0 + t * (x1 - x0) - 0.5), 0, width).astype(np.int64)
     return rows, cols, owner[edge]
+
+
+def _rings_of(polygons: Sequence[PolygonXY]) -> tuple[list[np.ndarray], list[int]]:
+    rings, owners = [], []
+    for i, poly in enumerate(polygons):
+        for ring in [poly.exterior, *poly.holes]:
+            if len(ring) >= 3:
+                rings.append(ring)
+                owners.append(i)
+    return rings, owners
+
+
+def _bands(p0: np.ndarray, p1: np.ndarray, height: int) -> list[tuple[int, int]]:
+    """Row bands [r0, r1) of at most FILL_BAND_ROWS rows and (but for single rows) at most
+    FILL_CHUNK_CROSSINGS crossings."""
+    row_start, counts = _row_spans(p0, p1, 0, height)
+    per_row = np.zeros(height + 1, np.int64)
+    np.add.at(per_row, row_start.astype(np.int64), 1)
+    np.add.at(per_row, (row_start + counts).astype(np.int64), -1)
+    running = np.cumsum(np.cumsum(per_row[:height]))  # crossings in rows [0, r]
+    bands, r0, done = [], 0, 0
+    while r0 < height:
+        r1 = int(np.searchsorted(running, done + FILL_CHUNK_CROSSINGS, side="right"))
+        r1 = min(max(r1, r0 + 1), r0 + FILL_BAND_ROWS, height)
+        bands.append((r0, r1))
+        done = int(running[r1 - 1])
+        r0 = r1
+    return bands
+
+
+def crossing_count(polygons: Sequence[PolygonXY], height: int, width: int) -> int:
+    """How many (edge, pixel row) crossings rasterising ``polygons`` (mask pixels) takes.
+
+    The time ``_fill`` needs grows with it; it is counted from the vertices alone, so a
+    server can refuse a costly prompt before any of that work.
+    """
+    rings, owners = _rings_of(polygons)
+    if not rings or height <= 0 or width <= 0:
+        return 0
+    p0, p1, _ = _edges(rings, owners)
+    return int(_row_spans(p0, p1, 0, height)[1].sum())
 
 
 def _fill(polygons: Sequence[PolygonXY], height: int, width: int) -> np.ndarray:
@@ -282,24 +341,26 @@ def _fill(polygons: Sequence[PolygonXY], height: int, width: int) -> np.ndarray:
     Per row and polygon, sorted crossings pair up into spans [c_2k, c_2k+1) (the even-odd
     rule, so holes are holes whatever their orientation); spans of all polygons are OR-ed, so
     overlapping annotations add up and one polygon's hole never erases another polygon.
+    Row band by row band, so memory stays bounded (see FILL_CHUNK_CROSSINGS).
     """
-    rings, owners = [], []
-    for i, poly in enumerate(polygons):
-        for ring in [poly.exterior, *poly.holes]:
-            if len(ring) >= 3:
-                rings.append(ring)
-                owners.append(i)
+    out = np.zeros((max(height, 0), max(width, 0)), bool)
+    rings, owners = _rings_of(polygons)
     if not rings or height <= 0 or width <= 0:
-        return np.zeros((max(height, 0), max(width, 0)), bool)
-    rows, cols, owner = _crossings(rings, owners, height, width)
-    order = np.lexsort((cols, owner, rows))
-    rows, cols = rows[order], cols[order]
-    # Every (row, polygon) group has an even count (closed rings), so global pairs are spans.
-    starts, stops, span_rows = cols[0::2], cols[1::2], rows[0::2]
-    diff = np.zeros((height, width + 1), np.int32)
-    np.add.at(diff, (span_rows, starts), 1)
-    np.add.at(diff, (span_rows, stops), -1)
-    return np.cumsum(diff[:, :width], axis=1) > 0
+        return out
+    p0, p1, owner_of_edge = _edges(rings, owners)
+    for r0, r1 in _bands(p0, p1, height):
+        rows, cols, owner = _crossings(p0, p1, owner_of_edge, r0, r1, width)
+        if not len(rows):
+            continue
+        order = np.lexsort((cols, owner, rows))
+        rows, cols = rows[order], cols[order]
+        # Every (row, polygon) group has an even count (closed rings), so global pairs are spans.
+        starts, stops, span_rows = cols[0::2], cols[1::2], rows[0::2] - r0
+        diff = np.zeros((r1 - r0, width + 1), np.int32)
+        np.add.at(diff, (span_rows, starts), 1)
+        np.add.at(diff, (span_rows, stops), -1)
+        out[r0:r1] = np.cumsum(diff[:, :width], axis=1, dtype=np.int32) > 0
+    return out
 
 
 def fill_polygon(polygon: PolygonXY, height: int, width: int) -> np.ndarray:

@@ -9,6 +9,12 @@ come from its header (PIL reads them lazily, without decoding) and are compared 
 pixel limit first, which defuses decompression bombs; a slide region's output size is
 computed from its numbers before OpenSlide reads anything. Slide paths must resolve (symlinks
 followed, ``..`` collapsed) inside one of the configured slide roots.
+
+A slide is opened once, when its path is checked, and read through that descriptor
+(``/proc/self/fd/N``), never by name again: someone who can write inside a root could
+otherwise swap a folder for a symlink between the check and the read (which waits for an
+encode slot), so that a slide outside the roots was read and its embedding cached under the
+in-root name. The cache key names the file that was opened (device, inode, mtime, size).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from histosam.backend.errors import (
+    HistosamError,
     InvalidInputError,
     NotFoundError,
     PermissionDeniedError,
@@ -101,20 +109,40 @@ def _to_rgb(img) -> np.ndarray:
 
 
 def decode_mask_png(data: bytes, height: int, width: int) -> np.ndarray:
-    """A mask prompt PNG (non-zero = inside) -> (H, W) bool; it must be image-sized."""
+    """A mask prompt PNG (non-zero grey = inside) -> (H, W) bool; it must be image-sized.
+
+    Decoded straight to 8-bit grey as it is read (16-bit images keep their top 8 bits, alpha
+    is ignored), so it costs 2 bytes per pixel whatever its depth and channels: decoded as an
+    image (RGBA, 16 bit, composited in float) a small, highly compressed prompt cost tens of
+    bytes per pixel of memory that no limit counted.
+    """
+    import cv2
+
     w, h = image_size(data, "mask_prompt_png")
     if (w, h) != (width, height):
         raise InvalidInputError(f"mask_prompt_png is {w}x{h} but the image is {width}x{height}")
-    rgb_or_grey = decode_image(data, width * height, "mask_prompt_png")
-    return rgb_or_grey.max(axis=2) > 0
+    grey = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if grey is None or grey.shape != (height, width):
+        raise InvalidInputError("mask_prompt_png is truncated or corrupt")
+    return grey > 0
 
 
 # --------------------------------------------------------------------------- slide regions
 
 
+# Formats OpenSlide recognises by the file's name (or reads sibling files of): read by their
+# checked real path, as a descriptor path has no name. The rest are read through the descriptor.
+NAMED_SLIDE_SUFFIXES = (".mrxs", ".vms", ".vmu", ".svslide")
+PROC_FD = Path("/proc/self/fd")
+
+
 @dataclass(frozen=True)
 class Region:
-    """A validated slide region: level-0 rectangle, downsample and output size."""
+    """A validated slide region: level-0 rectangle, downsample and output size.
+
+    ``fd`` is the slide opened when its path was checked (close it with ``close``); its pixels
+    are read through it.
+    """
 
     path: Path  # resolved, inside a slide root
     x: float
@@ -124,6 +152,23 @@ class Region:
     downsample: float
     mtime_ns: int
     size: int
+    fd: int | None = None
+    device: int = 0
+    inode: int = 0
+
+    def close(self) -> None:
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:  # pragma: no cover - closed twice
+                pass
+
+    @property
+    def read_path(self) -> Path:
+        """What OpenSlide opens: the checked file itself (its descriptor), not its name."""
+        if self.fd is None or self.path.suffix.lower() in NAMED_SLIDE_SUFFIXES or not PROC_FD.is_dir():
+            return self.path
+        return PROC_FD / str(self.fd)
 
     @property
     def out_width(self) -> int:
@@ -136,7 +181,7 @@ class Region:
     @property
     def signature(self) -> str:
         return "slide:" + "|".join(
-            str(v) for v in (self.path, self.mtime_ns, self.size, repr(self.x), repr(self.y),
+            str(v) for v in (self.path, self.device, self.inode, self.mtime_ns, self.size, repr(self.x), repr(self.y),
                              repr(self.width), repr(self.height), repr(self.downsample))
         )
 
@@ -236,19 +281,45 @@ def make_region(
             f"slide region {width:g}x{height:g} at downsample {downsample:g} is under 2 pixels a side "
             f"({out_w:.3g}x{out_h:.3g}): use a smaller downsample"
         )
-    try:
-        stat = path.stat()
-    except OSError as exc:
-        raise NotFoundError(f"slide {_short(slide_path)!r} cannot be read: {exc.strerror}") from None
+    fd = _open_checked(path, slide_path, roots)
+    stat = os.fstat(fd)
     region = Region(path, float(x), float(y), float(width), float(height), float(downsample),
-                    stat.st_mtime_ns, stat.st_size)
+                    stat.st_mtime_ns, stat.st_size, fd, stat.st_dev, stat.st_ino)
     pixels = region.out_width * region.out_height
     if pixels > max_pixels:
+        region.close()
         raise ResourceLimitError(
             f"slide region of {region.out_width}x{region.out_height} = {pixels} pixels exceeds the "
             f"server's limit of {max_pixels} pixels: use a larger downsample or a smaller region"
         )
     return region
+
+
+def _open_checked(path: Path, slide_path: str, roots: Sequence[Path]) -> int:
+    """A read-only descriptor of ``path``, checked again by what was opened: its real path (from
+    /proc) must be ``path`` (the one the root check passed), so a folder swapped for a symlink
+    after that check is refused instead of followed."""
+    # O_NONBLOCK: a FIFO swapped in after the check must not hang the open (no effect on files).
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise NotFoundError(f"slide {_short(slide_path)!r} cannot be read: {exc.strerror}") from None
+    try:
+        link = PROC_FD / str(fd)
+        opened = Path(os.readlink(link)) if PROC_FD.is_dir() else Path(os.path.realpath(path))
+        real_roots = [Path(r).resolve() for r in roots]
+        if opened != path or not any(opened.is_relative_to(root) for root in real_roots):
+            raise PermissionDeniedError(
+                f"slide {_short(slide_path)!r} changed while it was opened (a folder on its path was replaced): "
+                "refused, as it may lie outside the server's slide roots"
+            )
+        if not os.path.isfile(link if PROC_FD.is_dir() else path):
+            raise InvalidInputError(f"slide {_short(slide_path)!r} is not a file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def read_region(region: Region) -> np.ndarray:
@@ -261,7 +332,11 @@ def read_region(region: Region) -> np.ndarray:
     """
     from histosam.backend.slides import open_slide
 
-    with open_slide(region.path) as slide:
+    try:
+        slide = open_slide(region.read_path)
+    except HistosamError as exc:  # name the slide, not its descriptor
+        raise type(exc)(str(exc).replace(str(region.read_path), str(region.path))) from None
+    with slide:
         w0, h0 = slide.dimensions
         if region.x >= w0 or region.y >= h0:
             raise InvalidInputError(

@@ -23,8 +23,9 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -37,13 +38,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from histosam.backend import __version__
 from histosam.backend.edge_snap import EdgeSnapSettings, snap_mask, working_lab
 from histosam.backend.errors import (
+    CancelledError,
     HistosamError,
     InvalidInputError,
     NotFoundError,
     PermissionDeniedError,
     ResourceLimitError,
 )
-from histosam.backend.geometry import PolygonXY, mask_to_polygons, polygons_to_mask
+from histosam.backend.geometry import PolygonXY, crossing_count, mask_to_polygons, polygons_to_mask
 from histosam.backend.image_sources import (
     content_signature,
     decode_image,
@@ -63,6 +65,8 @@ from histosam.backend.propagation import (
 )
 from histosam.backend.reflection import enable_reflection
 from histosam.backend.sessions import (
+    TURN_POLL_SECONDS,
+    ByteLedger,
     Embedding,
     EmbeddingCache,
     Frame,
@@ -70,6 +74,7 @@ from histosam.backend.sessions import (
     Session,
     SessionStore,
     StepResult,
+    never_cancelled,
 )
 from histosam.backend.transforms import mask_to_prompt_logits
 from histosam.backend.wire import EncodedReply, encode_polygons, serialize_reply
@@ -89,6 +94,12 @@ PROPAGATION_CHOICES = {"off": pb.PROPAGATION_OFF, "on": pb.PROPAGATION_ON, "auto
 # Mask-prompt polygon vertices may lie outside the image (an annotation larger than the opened
 # region), but not so far that rasterising them overflows (1e308 / downsample = inf).
 MAX_PROMPT_PIXEL_COORD = 1e9
+# Mask-prompt polygons: vertices in one click (4 MB of coordinates), and (edge, pixel row)
+# crossings per image pixel. Rasterising costs time per crossing, and a zigzag ring whose every
+# edge spans the image makes vertices x rows of them, while an annotation's outline crosses a
+# row a few times (0.25 per pixel allows 194 crossings per row of 775 pixels).
+MAX_PROMPT_VERTICES = 250_000
+MAX_PROMPT_CROSSINGS_PER_PIXEL = 0.25
 TOKEN_METADATA_KEYS = ("authorization", "x-histosam-token")
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
@@ -97,6 +108,7 @@ STATUS_OF: tuple[tuple[type[HistosamError], grpc.StatusCode], ...] = (
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (ResourceLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+    (CancelledError, grpc.StatusCode.CANCELLED),
 )
 
 
@@ -138,6 +150,8 @@ class ServerSettings:
     max_concurrent_encodes: int = 2
     ort_threads: int | None = None
     prefer_gpu: bool = True
+    # Embeddings and the sessions' prompt histories together (GetServerInfo: cache_used_bytes +
+    # session_bytes); over it, other sessions' histories are trimmed, then embeddings evicted.
     cache_bytes: int = 1 << 30
     session_idle_seconds: float = 1800.0
     max_sessions: int = 128
@@ -263,6 +277,24 @@ def _ring_array(values: Sequence[float], what: str) -> np.ndarray:
     return arr.reshape(-1, 2)
 
 
+def _cancel_check(context: grpc.ServicerContext) -> Callable[[], bool]:
+    """``cancelled()`` for long work: true once the call ended (client gone, deadline passed, or
+    the server's shutdown grace ran out), so the work stops instead of outliving the call."""
+    return lambda: not context.is_active()
+
+
+@contextmanager
+def _slot(slots: threading.BoundedSemaphore, cancelled: Callable[[], bool], what: str) -> Iterator[None]:
+    """Hold one of ``slots``; while waiting for it, give up once the call is cancelled."""
+    while not slots.acquire(timeout=TURN_POLL_SECONDS):
+        if cancelled():
+            raise CancelledError(f"{what} was cancelled while it waited for its turn")
+    try:
+        yield
+    finally:
+        slots.release()
+
+
 @dataclass(frozen=True)
 class MalformedRequest:
     """What a request that is no valid protobuf message deserialises to (-> INVALID_ARGUMENT).
@@ -305,9 +337,14 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
     def __init__(self, settings: ServerSettings, models: ModelStore | None, token_required: bool) -> None:
         self.settings = settings
         self.models = models
-        self.cache = EmbeddingCache(settings.cache_bytes)
-        self.sessions = SessionStore(settings.session_idle_seconds, settings.max_sessions)
+        # One budget (cache_bytes) for the embeddings and the sessions' prompt histories.
+        ledger = ByteLedger()
+        self.cache = EmbeddingCache(settings.cache_bytes, ledger)
+        self.sessions = SessionStore(settings.session_idle_seconds, settings.max_sessions, ledger=ledger)
         self._encode_slots = threading.BoundedSemaphore(settings.max_concurrent_encodes)
+        # Mask prompts decoded or rasterised at once (a full-size mask each, up to max_pixels):
+        # as many as encodes, so clicks of many sessions cannot add them up without bound.
+        self._prompt_slots = threading.BoundedSemaphore(settings.max_concurrent_encodes)
         self.token_required = token_required
         # Loaded (and checked) even when off by default: any click may ask for propagation.
         self.propagation = PropagationSettings.load(settings.propagation_config)
@@ -349,10 +386,10 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         return self._call(context, "GetServerInfo", self._info, request)
 
     def OpenImage(self, request, context):
-        return self._call(context, "OpenImage", lambda: self._open(request), request)
+        return self._call(context, "OpenImage", lambda: self._open(request, _cancel_check(context)), request)
 
     def Click(self, request, context):
-        return self._call(context, "Click", lambda: self._click(request), request)
+        return self._call(context, "Click", lambda: self._click(request, _cancel_check(context)), request)
 
     def CloseImage(self, request, context):
         return self._call(context, "CloseImage",
@@ -379,11 +416,12 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
             slides_enabled=bool(s.slide_roots),
             open_sessions=len(self.sessions),
             cache_used_bytes=self.cache.used_bytes,
+            session_bytes=self.sessions.ledger.used_bytes,
             cache_entries=len(self.cache),
             propagation_default=PROPAGATION_CHOICES[s.propagation],
         )
 
-    def _open(self, request: pb.OpenImageRequest) -> pb.OpenImageResponse:
+    def _open(self, request: pb.OpenImageRequest, cancelled: Callable[[], bool] = never_cancelled) -> pb.OpenImageResponse:
         model = self.models.get(request.model)
         source = request.WhichOneof("source")
         s = self.settings
@@ -407,12 +445,21 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
                 return read_region(region)
         else:
             raise InvalidInputError("OpenImage needs a source: encoded_image or slide_region")
+        try:
+            return self._open_source(request, model, signature, default_frame, pixels, cancelled)
+        finally:
+            if source == "slide_region":
+                region.close()  # opened when its path was checked; read (or a cache hit) by now
+
+    def _open_source(self, request: pb.OpenImageRequest, model: LoadedModel, signature: str, default_frame: Frame,
+                     pixels: Callable[[], np.ndarray], cancelled: Callable[[], bool]) -> pb.OpenImageResponse:
         frame = default_frame
         if request.HasField("frame"):
             f = request.frame
             frame = Frame(f.origin_x, f.origin_y, f.downsample or 1.0)
         key = hashlib.sha256(f"{signature}|{model.sha256}".encode()).hexdigest()
-        embedding, hit = self.cache.get_or_compute(key, lambda: self._encode_in_turn(model, pixels))
+        embedding, hit = self.cache.get_or_compute(key, lambda: self._encode_in_turn(model, pixels, cancelled))
+        frame.check_extent(embedding.width, embedding.height)
         session = self.sessions.create(model, embedding, frame, key)
         log.debug("open %s: %dx%d %s, cache %s", session.session_id, embedding.width, embedding.height,
                   model.name, "hit" if hit else "miss")
@@ -424,8 +471,9 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
             decode_image_seconds=0.0 if hit else embedding.decode_image_seconds,
         )
 
-    def _encode_in_turn(self, model: LoadedModel, pixels: Callable[[], np.ndarray]) -> Embedding:
-        with self._encode_slots:  # bounds the decode + encoder working memory
+    def _encode_in_turn(self, model: LoadedModel, pixels: Callable[[], np.ndarray],
+                        cancelled: Callable[[], bool] = never_cancelled) -> Embedding:
+        with _slot(self._encode_slots, cancelled, "the image open"):  # bounds the decode + encoder working memory
             return self._encode(model, pixels)
 
     def _encode(self, model: LoadedModel, pixels: Callable[[], np.ndarray]) -> Embedding:
@@ -459,7 +507,8 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
             "PROPAGATION_OFF (2), PROPAGATION_AUTO (3)"
         )
 
-    def _auto_propagates(self, prompt: Prompt, session: Session, decode, judge, result: StepResult) -> bool:
+    def _auto_propagates(self, prompt: Prompt, session: Session, decode, judge, result: StepResult,
+                         cancelled: Callable[[], bool] = never_cancelled) -> bool:
         """auto: was the model unsure of its answer to the prompt's first step (first point, or
         the box), or has it ignored correction clicks since (``propagation.auto_propagates``)?
 
@@ -469,7 +518,7 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         first = 0 if prompt.box is not None else 1
         head = Prompt(prompt.points[:first], prompt.labels[:first], prompt.box, prompt.mask_key, prompt.mask_logits)
         with session.lock:
-            step, _, _ = session.resolve(head, decode, judge)
+            step, _, _ = session.resolve(head, decode, judge, cancelled)
         confidence = model_confidence(step.low_res, session.model.transform, session.embedding.hw,
                                       self.propagation.temperature)
         return auto_propagates(confidence, result.ignored, self.propagation)
@@ -483,7 +532,8 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         # ~20 ms at 160 px: rebuilt per click rather than held per session (1.8 MB each)
         return ImageGraph.from_working_image(embedding.working_image, embedding.hw, settings)
 
-    def _prompt(self, request: pb.ClickRequest, session: Session) -> Prompt:
+    def _prompt(self, request: pb.ClickRequest, session: Session,
+                cancelled: Callable[[], bool] = never_cancelled) -> Prompt:
         w, h, frame = session.width, session.height, session.frame
         n = len(request.points)
         if n > self.settings.max_points:
@@ -517,11 +567,11 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
             box = np.array([x0, y0, x1, y1], np.float64)
         if n == 0 and box is None:
             raise InvalidInputError("a click needs at least one point or a box")
-        mask_key, mask_logits = self._mask_prompt(request, session)
+        mask_key, mask_logits = self._mask_prompt(request, session, cancelled)
         return Prompt(pts, labels, box, mask_key, mask_logits)
 
-    @staticmethod
-    def _mask_prompt(request: pb.ClickRequest, session: Session) -> tuple[bytes, Callable[[], np.ndarray] | None]:
+    def _mask_prompt(self, request: pb.ClickRequest, session: Session,
+                     cancelled: Callable[[], bool]) -> tuple[bytes, Callable[[], np.ndarray] | None]:
         png, polys = request.mask_prompt_png, request.mask_prompt_polygons
         if png and polys:
             raise InvalidInputError("give mask_prompt_png or mask_prompt_polygons, not both")
@@ -529,43 +579,85 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         h, w, frame = session.height, session.width, session.frame
         if png:
             key = b"png:" + hashlib.sha256(png).digest()
-            mask = decode_mask_png(png, h, w)  # validated now, so a bad prompt fails every time
+            with _slot(self._prompt_slots, cancelled, "the mask prompt"):
+                mask = decode_mask_png(png, h, w)  # validated now, so a bad prompt fails every time
             return key, lambda: mask_to_prompt_logits(mask, transform)
         if polys:
-            polygons = []
+            polygons = self._prompt_polygons(polys, session)
             digest = hashlib.sha256()
-            for i, poly in enumerate(polys):
-                ext = _ring_array(poly.exterior, f"mask_prompt_polygons[{i}].exterior")
-                holes = [_ring_array(r.xy, f"mask_prompt_polygons[{i}].holes[{j}]") for j, r in enumerate(poly.holes)]
-                for ring in (ext, *holes):
-                    px = frame.to_pixels(ring)
-                    if not (np.all(np.isfinite(px)) and np.abs(px).max() <= MAX_PROMPT_PIXEL_COORD):
-                        raise InvalidInputError(
-                            f"mask_prompt_polygons[{i}] reaches absurdly far outside the image (beyond "
-                            f"{MAX_PROMPT_PIXEL_COORD:g} image pixels)"
-                        )
-                polygons.append(PolygonXY(ext, holes))
-                for ring in (ext, *holes):
+            for poly in polygons:
+                for ring in (poly.exterior, *poly.holes):
                     digest.update(ring.tobytes() + b"|")
                 digest.update(b"#")
 
             def logits() -> np.ndarray:
-                mask = polygons_to_mask(polygons, (h, w), origin=frame.origin, downsample=frame.downsample)
-                return mask_to_prompt_logits(mask, transform)
+                with _slot(self._prompt_slots, cancelled, "the mask prompt"):
+                    mask = polygons_to_mask(polygons, (h, w), origin=frame.origin, downsample=frame.downsample)
+                    return mask_to_prompt_logits(mask, transform)
 
             return b"poly:" + digest.digest(), logits
         return b"", None
 
-    def _click(self, request: pb.ClickRequest) -> EncodedReply:
+    @staticmethod
+    def _prompt_polygons(polys: Sequence[pb.Polygon], session: Session) -> list[PolygonXY]:
+        """The mask-prompt polygons, refused (before any rasterising) beyond the vertex and
+        crossing limits or when they reach absurdly far outside the image."""
+        h, w, frame = session.height, session.width, session.frame
+        vertices = sum(len(p.exterior) + sum(len(r.xy) for r in p.holes) for p in polys) // 2
+        if vertices > MAX_PROMPT_VERTICES:
+            raise ResourceLimitError(
+                f"mask_prompt_polygons have {vertices} vertices, over the server's limit of {MAX_PROMPT_VERTICES}: "
+                "simplify the annotation"
+            )
+        polygons, local = [], []
+        for i, poly in enumerate(polys):
+            ext = _ring_array(poly.exterior, f"mask_prompt_polygons[{i}].exterior")
+            holes = [_ring_array(r.xy, f"mask_prompt_polygons[{i}].holes[{j}]") for j, r in enumerate(poly.holes)]
+            pixel_rings = [frame.to_pixels(ring) for ring in (ext, *holes)]
+            for px in pixel_rings:
+                if not (np.all(np.isfinite(px)) and np.abs(px).max() <= MAX_PROMPT_PIXEL_COORD):
+                    raise InvalidInputError(
+                        f"mask_prompt_polygons[{i}] reaches absurdly far outside the image (beyond "
+                        f"{MAX_PROMPT_PIXEL_COORD:g} image pixels)"
+                    )
+            polygons.append(PolygonXY(ext, holes))
+            local.append(PolygonXY(pixel_rings[0], pixel_rings[1:]))
+        limit = max(1024, int(MAX_PROMPT_CROSSINGS_PER_PIXEL * h * w))
+        crossings = crossing_count(local, h, w)
+        if crossings > limit:
+            raise ResourceLimitError(
+                f"mask_prompt_polygons cross the image's pixel rows {crossings} times, over the server's limit of "
+                f"{limit} for a {w}x{h} image (is it a zigzag?): send the annotation's outline"
+            )
+        return polygons
+
+    def _click(self, request: pb.ClickRequest, cancelled: Callable[[], bool] = never_cancelled) -> EncodedReply:
         session = self.sessions.get(request.session_id)
         tolerance = float(request.simplify_tolerance)
         min_area = float(request.min_area) if request.HasField("min_area") else DEFAULT_MIN_AREA
         for name, value in (("simplify_tolerance", tolerance), ("min_area", min_area)):
             if not (math.isfinite(value) and value >= 0):
                 raise InvalidInputError(f"{name} must be a non-negative number, got {value}")
+        # One click of a session runs at a time (one more may wait): the rest are refused now
+        # rather than each holding a server thread while it waits.
+        with session.turn(cancelled):
+            try:
+                return self._click_in_turn(request, session, tolerance, min_area, cancelled)
+            finally:
+                self._keep_budget(session)
+
+    def _keep_budget(self, session: Session) -> None:
+        """Embeddings + histories within cache_bytes: trim other sessions' histories, then evict."""
+        over = self.cache.used_bytes + self.sessions.ledger.used_bytes - self.cache.max_bytes
+        if over > 0:
+            self.sessions.trim_histories(over, keep=session)
+            self.cache.shrink()
+
+    def _click_in_turn(self, request: pb.ClickRequest, session: Session, tolerance: float, min_area: float,
+                       cancelled: Callable[[], bool]) -> EncodedReply:
         embedding = session.embedding  # a strong reference for this request (NOT_FOUND if evicted)
         self.cache.get(session.cache_key)  # a click keeps its image's embedding recently used
-        prompt = self._prompt(request, session)
+        prompt = self._prompt(request, session, cancelled)
         mode = self._propagation_mode(request) if len(prompt.points) else "off"
         model: LoadedModel = session.model
         features, hw = embedding.features, embedding.hw
@@ -577,8 +669,9 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
             return click_ignored(low_res, model.transform, hw, point, label)
 
         with session.lock:
-            result, seconds, steps = session.resolve(prompt, decode, judge)
-        propagate = mode == "on" or (mode == "auto" and self._auto_propagates(prompt, session, decode, judge, result))
+            result, seconds, steps = session.resolve(prompt, decode, judge, cancelled)
+        propagate = mode == "on" or (
+            mode == "auto" and self._auto_propagates(prompt, session, decode, judge, result, cancelled))
         if propagate:
             graph = self._graph(embedding, self.propagation)
             mask = graph.refine(result.low_res, model.transform, prompt.points, prompt.labels)
@@ -586,6 +679,8 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
             mask = model.transform.mask_from_logits(result.low_res, hw)
             if embedding.snap_lab is not None:  # kept only where this server snaps this model's edges
                 mask = snap_mask(embedding.snap_lab, mask, prompt.points, prompt.labels, self.edge_snap)
+        if cancelled():
+            raise CancelledError("the click was cancelled before its polygons were traced")
         frame = session.frame
         polygons = mask_to_polygons(mask, origin=frame.origin, downsample=frame.downsample,
                                     simplify_tolerance=tolerance, min_area=min_area)

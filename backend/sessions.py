@@ -21,6 +21,16 @@ Why this shape:
   a shorter list (undo) or the same list again (a retry) is answered from the history, a
   changed earlier point starts a new chain, and a session rebuilt after a re-open replays the
   missing steps to the very same answer.
+* Those histories count against the same byte budget as the embeddings (``ByteLedger``):
+  uncounted, a server's sessions could hold many times the budget while the cache reported a
+  few MB. Over the budget, the histories of the least recently used sessions are trimmed first
+  (a trimmed history costs only decoder steps to replay), then embeddings are evicted.
+* One click runs per session at a time, and at most ``MAX_WAITING_CLICKS`` more wait for it;
+  further clicks on that session are refused at once (RESOURCE_EXHAUSTED). Otherwise a burst of
+  clicks on one session sat on every server thread, waiting on its lock, and starved all other
+  clients.
+  Long work checks a ``cancelled`` callable between steps, so a cancelled call (client gone,
+  deadline, server shutdown) stops within one decoder step.
 """
 
 from __future__ import annotations
@@ -33,17 +43,48 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from histosam.backend.errors import InvalidInputError, NotFoundError
+from histosam.backend.errors import (
+    CancelledError,
+    InvalidInputError,
+    NotFoundError,
+    ResourceLimitError,
+)
 
 # Prompt prefixes remembered per session (each 256x256 float32 = 256 KiB). Older prefixes are
 # recomputed from the newest remembered one when a client asks for them again.
 HISTORY_LIMIT = 32
+# Clicks that may wait on a session while one of its clicks runs; more are refused at once.
+MAX_WAITING_CLICKS = 1
+# How often a click waiting for its session's turn looks whether its call was cancelled (s).
+TURN_POLL_SECONDS = 0.05
+
+
+def never_cancelled() -> bool:
+    return False
+
+
+class ByteLedger:
+    """Bytes held outside the embedding cache (session histories), counted against its budget."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bytes = 0
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return self._bytes
+
+    def add(self, delta: int) -> None:
+        with self._lock:
+            self._bytes += int(delta)
 
 
 @dataclass(frozen=True)
@@ -67,6 +108,19 @@ class Frame:
     def to_pixels(self, xy: np.ndarray) -> np.ndarray:
         """(..., 2) client x,y -> image pixel x,y."""
         return (np.asarray(xy, np.float64) - (self.origin_x, self.origin_y)) / self.downsample
+
+    def check_extent(self, width: int, height: int) -> None:
+        """Refuse a frame whose image corners have no finite client coordinates.
+
+        Origin 1e308 with downsample 1e308 passes every per-value check, yet every polygon a
+        click returns would then hold ``inf``.
+        """
+        corners = (self.origin_x + width * self.downsample, self.origin_y + height * self.downsample)
+        if not all(math.isfinite(v) for v in corners):
+            raise InvalidInputError(
+                f"frame (origin {self.origin_x:g}, {self.origin_y:g}, downsample {self.downsample:g}) places the "
+                f"{width}x{height} image beyond the largest finite coordinate"
+            )
 
     def describe_extent(self, width: int, height: int) -> str:
         x1 = self.origin_x + width * self.downsample
@@ -111,8 +165,10 @@ class EmbeddingCache:
     than one embedding then means "cache only the last image").
     """
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, ledger: ByteLedger | None = None) -> None:
         self.max_bytes = int(max_bytes)
+        # Other bytes the same budget bounds (session histories): embeddings make room for them.
+        self.ledger = ledger if ledger is not None else ByteLedger()
         self._entries: OrderedDict[str, Embedding] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -143,9 +199,17 @@ class EmbeddingCache:
                 self._bytes -= old.nbytes
             self._entries[key] = embedding
             self._bytes += embedding.nbytes
-            while self._bytes > self.max_bytes and len(self._entries) > 1:
-                _, evicted = self._entries.popitem(last=False)
-                self._bytes -= evicted.nbytes
+            self._evict_locked()
+
+    def shrink(self) -> None:
+        """Evict least recently used embeddings until the budget (with the ledger's bytes) holds."""
+        with self._lock:
+            self._evict_locked()
+
+    def _evict_locked(self) -> None:
+        while self._bytes + self.ledger.used_bytes > self.max_bytes and len(self._entries) > 1:
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= evicted.nbytes
 
     def get_or_compute(self, key: str, compute: Callable[[], Embedding]) -> tuple[Embedding, bool]:
         """(embedding, cache_hit). One thread computes a missing key; others wait for it."""
@@ -238,6 +302,13 @@ class Session:
     cache_key: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
     history: OrderedDict[bytes, StepResult] = field(default_factory=OrderedDict)
+    ledger: ByteLedger | None = None
+    _history_nbytes: int = field(default=0, repr=False)
+    _dropped: bool = field(default=False, repr=False)
+    _bytes_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _turn: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _admit: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _queued: int = field(default=0, repr=False)
 
     @property
     def alive(self) -> bool:
@@ -253,21 +324,93 @@ class Session:
 
     @property
     def history_bytes(self) -> int:
-        return int(sum(r.low_res.nbytes for r in list(self.history.values())))
+        with self._bytes_lock:
+            return self._history_nbytes
+
+    def _count(self, delta: int) -> None:
+        """Book ``delta`` history bytes (call with ``_bytes_lock``); a dropped session books none."""
+        if self._dropped:
+            return
+        self._history_nbytes += delta
+        if self.ledger is not None:
+            self.ledger.add(delta)
 
     def _remember(self, key: bytes, result: StepResult) -> None:
-        self.history[key] = result
-        self.history.move_to_end(key)
-        while len(self.history) > HISTORY_LIMIT:
-            self.history.popitem(last=False)
+        with self._bytes_lock:
+            old = self.history.pop(key, None)
+            if old is not None:
+                self._count(-old.low_res.nbytes)
+            self.history[key] = result
+            self._count(result.low_res.nbytes)
+            while len(self.history) > HISTORY_LIMIT:
+                _, gone = self.history.popitem(last=False)
+                self._count(-gone.low_res.nbytes)
 
-    def resolve(self, prompt: Prompt, decode: DecodeFn, judge: JudgeFn | None = None) -> tuple[StepResult, float, int]:
+    def trim_history(self, want: int) -> int:
+        """Forget up to ``want`` bytes of the oldest history (never while a click resolves).
+
+        Returns the bytes freed; 0 when the session is busy (its lock is held).
+        """
+        if not self.lock.acquire(blocking=False):
+            return 0
+        try:
+            freed = 0
+            with self._bytes_lock:
+                while self.history and freed < want:
+                    _, gone = self.history.popitem(last=False)
+                    freed += gone.low_res.nbytes
+                    self._count(-gone.low_res.nbytes)
+            return freed
+        finally:
+            self.lock.release()
+
+    def drop(self) -> None:
+        """The store let go of this session: its history bytes leave the ledger (a click still
+        running on it keeps its own references until it ends)."""
+        with self._bytes_lock:
+            if not self._dropped:
+                if self.ledger is not None:
+                    self.ledger.add(-self._history_nbytes)
+                self._dropped = True
+
+    @contextmanager
+    def turn(self, cancelled: Callable[[], bool] = never_cancelled) -> Iterator[None]:
+        """This session's click turn: one runs, ``MAX_WAITING_CLICKS`` wait, the rest are refused.
+
+        A waiting click gives up (CancelledError) as soon as ``cancelled()`` says its call ended.
+        """
+        with self._admit:
+            if self._queued > MAX_WAITING_CLICKS:
+                raise ResourceLimitError(
+                    f"session {self.session_id!r} is busy: a click is running and {MAX_WAITING_CLICKS} more "
+                    "waiting on it; send the next click when one has answered"
+                )
+            self._queued += 1
+        try:
+            while not self._turn.acquire(timeout=TURN_POLL_SECONDS):
+                if cancelled():
+                    raise CancelledError(f"session {self.session_id!r}: the click was cancelled while it waited")
+            try:
+                yield
+            finally:
+                self._turn.release()
+        finally:
+            with self._admit:
+                self._queued -= 1
+
+    def resolve(
+        self, prompt: Prompt, decode: DecodeFn, judge: JudgeFn | None = None,
+        cancelled: Callable[[], bool] = never_cancelled,
+    ) -> tuple[StepResult, float, int]:
         """The answer to ``prompt``: (result, decoder seconds spent, steps decoded now).
 
         ``judge`` tells whether a step's answer ignored its own (correction) click; each step's
-        ``ignored`` is its predecessor's plus that verdict. Call with ``self.lock`` held (one
-        click at a time per session keeps the history consistent; different sessions run in
-        parallel).
+        ``ignored`` is its predecessor's plus that verdict.
+
+        Call with ``self.lock`` held (one click at a time per session keeps the history
+        consistent; different sessions run in parallel). ``cancelled`` is looked at before
+        every decoder step: a call that ended stops there (CancelledError), its finished steps
+        kept in the history.
         """
         keys = prompt.prefix_keys()
         n = len(prompt.points)
@@ -287,6 +430,9 @@ class Session:
         seconds = 0.0
         result: StepResult | None = None
         for k in range(start, n + 1):
+            if cancelled():
+                raise CancelledError(f"session {self.session_id!r}: the click was cancelled after {k - start} of "
+                                     f"{n + 1 - start} decoder steps")
             ignored = 0
             if k <= first:
                 previous = prompt.mask_logits() if prompt.mask_logits is not None else None
@@ -309,9 +455,11 @@ class SessionStore:
     """Sessions by id, thread-safe, dropped after ``idle_seconds``, beyond ``max_sessions``, or
     when the cache has evicted their embedding."""
 
-    def __init__(self, idle_seconds: float, max_sessions: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, idle_seconds: float, max_sessions: int, clock: Callable[[], float] = time.monotonic,
+                 ledger: ByteLedger | None = None) -> None:
         self.idle_seconds = float(idle_seconds)
         self.max_sessions = int(max_sessions)
+        self.ledger = ledger if ledger is not None else ByteLedger()
         self._clock = clock
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._lock = threading.Lock()
@@ -325,12 +473,12 @@ class SessionStore:
         # Hex, not urlsafe base64: an id starting with "-" (1 in 64 of those) reads as an option
         # on a command line (`histosam client click --session -x...` failed that way in a test run).
         session = Session(secrets.token_hex(16), model, weakref.ref(embedding), frame, now,
-                          embedding.width, embedding.height, cache_key)
+                          embedding.width, embedding.height, cache_key, ledger=self.ledger)
         with self._lock:
             self._expire(now)
             self._sessions[session.session_id] = session
             while len(self._sessions) > self.max_sessions:
-                self._sessions.popitem(last=False)
+                self._sessions.popitem(last=False)[1].drop()
         return session
 
     def get(self, session_id: str) -> Session:
@@ -339,6 +487,7 @@ class SessionStore:
             session = self._sessions.get(session_id)
             if session is not None and now - session.last_used > self.idle_seconds:
                 del self._sessions[session_id]
+                session.drop()
                 session = None
             if session is None:
                 raise NotFoundError(
@@ -347,6 +496,7 @@ class SessionStore:
                 )
             if not session.alive:
                 del self._sessions[session_id]
+                session.drop()
                 raise NotFoundError(EVICTED_MESSAGE.format(sid=session_id))
             session.last_used = now
             self._sessions.move_to_end(session_id)
@@ -354,7 +504,11 @@ class SessionStore:
 
     def close(self, session_id: str) -> bool:
         with self._lock:
-            return self._sessions.pop(session_id, None) is not None
+            session = self._sessions.pop(session_id, None)
+        if session is None:
+            return False
+        session.drop()
+        return True
 
     def sweep(self) -> int:
         """Drop idle sessions and those whose embedding is gone, now; returns how many."""
@@ -365,7 +519,7 @@ class SessionStore:
         stale = [sid for sid, s in self._sessions.items()
                  if now - s.last_used > self.idle_seconds or not s.alive]
         for sid in stale:
-            del self._sessions[sid]
+            self._sessions.pop(sid).drop()
         return len(stale)
 
     def resident_embedding_bytes(self) -> int:
@@ -388,3 +542,17 @@ class SessionStore:
         with self._lock:
             sessions = list(self._sessions.values())
         return sum(s.history_bytes for s in sessions)
+
+    def trim_histories(self, want: int, keep: Session | None = None) -> int:
+        """Free ``want`` bytes of history, least recently used sessions first, never ``keep``'s.
+
+        Returns the bytes freed (less than ``want`` when the histories are smaller, or busy).
+        """
+        with self._lock:
+            sessions = [s for s in self._sessions.values() if s is not keep]
+        freed = 0
+        for session in sessions:
+            if freed >= want:
+                break
+            freed += session.trim_history(want - freed)
+        return freed

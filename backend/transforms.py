@@ -20,9 +20,13 @@ LOW_RES = 256  # SAM's mask decoder always outputs 256x256 logits (4x the 64x64 
 
 
 def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
-    """Size after resizing so the longest side is ``long_side`` (SAM's rounding)."""
+    """Size after resizing so the longest side is ``long_side`` (SAM's rounding).
+
+    At least 1 pixel a side: past ~2 * long_side : 1 SAM's rounding gives the short side 0
+    pixels, which no resize can produce (an 1100x2 image failed every open that way).
+    """
     scale = long_side / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
 @dataclass(frozen=True)

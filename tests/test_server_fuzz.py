@@ -2,8 +2,10 @@
 status (never UNKNOWN or INTERNAL) and keeps answering valid requests.
 
 Random bytes and broken images, NaN/inf/huge coordinates, thousands of points, empty lists,
-giant strings, slide paths with ``..``: one real server (tiny random SAM) with small limits,
-bounded ``max_examples`` so the module stays fast.
+giant strings, slide paths with ``..``; and the shapes that once broke it (issue 22): extreme
+aspect ratios, huge finite floats, zigzag and self-intersecting rings, high-bit-depth PNGs.
+One real server (tiny random SAM) with small limits, bounded ``max_examples`` so the module
+stays fast.
 """
 
 from __future__ import annotations
@@ -231,4 +233,146 @@ def test_requests_that_once_crashed_the_server(served):
     with pytest.raises(grpc.RpcError) as info:
         raw(b"\xff\xff\xff", timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid" in info.value.details()
+    still_serving(stub, sid)
+
+
+# --------------------------------------------------------------------------- shapes that once broke it
+
+huge_finite = st.one_of(
+    st.floats(min_value=1e15, max_value=1.7976931348623157e308),
+    st.floats(min_value=-1.7976931348623157e308, max_value=-1e15),
+    st.sampled_from([1e29, 1e30, 1e200, 1.7976931348623157e308, -1.7976931348623157e308, 2.0**1023]),
+)
+
+
+@st.composite
+def high_depth_png(draw, shape: tuple[int, int] | None = None) -> bytes:
+    """A 16-bit (or 8-bit) grey, RGB or RGBA PNG, random or blocky content."""
+    h, w = shape if shape is not None else (draw(st.integers(1, 64)), draw(st.integers(1, 64)))
+    channels = draw(st.sampled_from([1, 3, 4]))
+    dtype = draw(st.sampled_from([np.uint16, np.uint16, np.uint8]))
+    top = int(np.iinfo(dtype).max)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    kind = draw(st.sampled_from(["random", "blocks", "low-bits", "alpha-only"]))
+    size = (h, w, channels) if channels > 1 else (h, w)
+    if kind == "random":
+        arr = rng.integers(0, top + 1, size, dtype=np.int64).astype(dtype)
+    elif kind == "low-bits":  # 16-bit values under 256: zero once cut to 8 bits
+        arr = rng.integers(0, 256, size, dtype=np.int64).astype(dtype)
+    else:
+        arr = np.zeros(size, dtype)
+        y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
+        arr[y:, x:] = top
+        if kind == "alpha-only" and channels == 4:
+            arr[..., :3] = 0
+    ok, buf = cv2.imencode(".png", arr)
+    assert ok
+    return buf.tobytes()
+
+
+@st.composite
+def extreme_aspect(draw) -> tuple[int, int]:
+    thin = draw(st.integers(1, 4))
+    long = draw(st.integers(300, 16000 // thin))
+    return (thin, long) if draw(st.booleans()) else (long, thin)
+
+
+@st.composite
+def hostile_ring(draw) -> pb.Polygon:
+    """Zigzags across (and beyond) the image, self-intersecting stars and bowties, repeated
+    and collinear vertices."""
+    kind = draw(st.sampled_from(["zigzag", "star", "bowtie", "repeated", "collinear"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    if kind == "zigzag":
+        n = draw(st.integers(3, 3000))
+        reach = draw(st.sampled_from([1.0, 10.0, 1e6, 1e9]))
+        xs = np.linspace(-reach if draw(st.booleans()) else 0, W + reach, n)
+        ys = np.where(np.arange(n) % 2, -reach, H + reach)
+        if draw(st.booleans()):
+            xs, ys = ys * (W / H), xs * (H / W)  # vertical teeth
+        xy = np.stack([xs, ys], 1)
+    elif kind == "star":
+        n = draw(st.integers(3, 400))
+        xy = rng.uniform((-20, -20), (W + 20, H + 20), (n, 2))  # random order: edges cross each other
+    elif kind == "bowtie":
+        xy = np.array([[0, 0], [W, H], [W, 0], [0, H]], np.float64) + rng.uniform(-5, 5, (4, 2))
+    elif kind == "repeated":
+        xy = np.repeat(rng.uniform(0, (W, H), (draw(st.integers(1, 5)), 2)), draw(st.integers(2, 50)), axis=0)
+    else:
+        t = np.linspace(0, 1, draw(st.integers(3, 100)))
+        xy = np.stack([t * W, t * H], 1)
+    return pb.Polygon(exterior=xy.ravel().tolist())
+
+
+@settings(FUZZ, max_examples=25)
+@given(shape=extreme_aspect(), data=st.data())
+def test_extreme_aspect_ratios_and_bit_depths_open_and_click(served, shape, data):
+    stub, sid = served
+    encoded = data.draw(high_depth_png(shape))
+    request = pb.OpenImageRequest(encoded_image=encoded)
+    code = answer(stub.OpenImage, request)
+    if min(shape) < 2:  # under 2 pixels a side is refused by name
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        return
+    assert code == grpc.StatusCode.OK  # within max_pixels: every such image opens
+    opened = stub.OpenImage(request, timeout=30)
+    h, w = shape
+    point = pb.Point(x=data.draw(st.floats(0, w)), y=data.draw(st.floats(0, h)), positive=True)
+    click = pb.ClickRequest(session_id=opened.session_id, points=[point], want_mask_png=True,
+                            propagation=data.draw(st.sampled_from([pb.PROPAGATION_OFF, pb.PROPAGATION_ON])))
+    assert answer(stub.Click, click) == grpc.StatusCode.OK
+    still_serving(stub, sid)
+
+
+@FUZZ
+@given(frame=st.builds(pb.Frame, origin_x=st.one_of(huge_finite, any_float), origin_y=st.one_of(huge_finite, any_float),
+                       downsample=st.one_of(huge_finite, any_float)),
+       tolerance=st.one_of(huge_finite, any_float), min_area=st.one_of(huge_finite, any_float),
+       box=st.builds(pb.Box, x0=huge_finite, y0=huge_finite, x1=huge_finite, y1=huge_finite))
+def test_huge_finite_numbers(served, frame, tolerance, min_area, box):
+    stub, sid = served
+    code = answer(stub.OpenImage, pb.OpenImageRequest(encoded_image=VALID_ENCODINGS[0], frame=frame))
+    target = sid
+    if code == grpc.StatusCode.OK:
+        target = stub.OpenImage(pb.OpenImageRequest(encoded_image=VALID_ENCODINGS[0], frame=frame), timeout=30).session_id
+        f = frame if frame.downsample else pb.Frame(origin_x=frame.origin_x, origin_y=frame.origin_y, downsample=1.0)
+        x, y = f.origin_x + 60 * f.downsample, f.origin_y + 50 * f.downsample
+        reply = None
+        try:
+            reply = stub.Click(pb.ClickRequest(session_id=target, points=[pb.Point(x=x, y=y, positive=True)]), timeout=30)
+        except grpc.RpcError as exc:  # a point that rounds outside the image in a huge frame
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.details()
+        if reply is not None:
+            coords = [c for p in reply.polygons for c in p.exterior]
+            assert all(math.isfinite(c) for c in coords)
+    request = pb.ClickRequest(session_id=target, points=[pb.Point(x=60, y=50, positive=True)],
+                              simplify_tolerance=tolerance, min_area=min_area)
+    answer(stub.Click, request)
+    request = pb.ClickRequest(session_id=sid, simplify_tolerance=abs(tolerance))
+    request.box.CopyFrom(box)
+    answer(stub.Click, request)
+    still_serving(stub, sid)
+
+
+@FUZZ
+@given(rings=st.lists(hostile_ring(), min_size=1, max_size=3), with_point=st.booleans())
+def test_zigzag_and_self_intersecting_mask_prompts(served, rings, with_point):
+    stub, sid = served
+    points = [pb.Point(x=60, y=50, positive=True)] if with_point else []
+    request = pb.ClickRequest(session_id=sid, points=points, mask_prompt_polygons=rings)
+    if not with_point:
+        request.box.CopyFrom(pb.Box(x0=10, y0=10, x1=100, y1=80))
+    answer(stub.Click, request)
+    still_serving(stub, sid)
+
+
+@FUZZ
+@given(data=st.data(), right_size=st.booleans())
+def test_high_bit_depth_mask_prompts(served, data, right_size):
+    stub, sid = served
+    mask = data.draw(high_depth_png((H, W) if right_size else None))
+    code = answer(stub.Click, pb.ClickRequest(session_id=sid, points=[pb.Point(x=60, y=50, positive=True)],
+                                              mask_prompt_png=mask))
+    if right_size:
+        assert code == grpc.StatusCode.OK
     still_serving(stub, sid)

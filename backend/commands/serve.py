@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="onnxruntime intra-op threads per session (default: onnxruntime's choice)")
     p.add_argument("--cpu", dest="prefer_gpu", action="store_false", default=S,
                    help="use the CPU provider even when CUDA is available")
-    p.add_argument("--cache-bytes", type=int, default=S, metavar="N", help="embedding cache budget (default 1 GiB)")
+    p.add_argument("--cache-bytes", type=int, default=S, metavar="N",
+                   help="memory budget of the image embeddings and the sessions' click histories (default 1 GiB)")
     p.add_argument("--session-idle-seconds", type=float, default=S, metavar="S",
                    help="drop sessions idle this long (default 1800)")
     p.add_argument("--max-sessions", type=int, default=S, metavar="N", help="open sessions kept (default 128)")

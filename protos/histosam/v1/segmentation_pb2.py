@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ehistosam/v1/segmentation.proto\x12\x0bhistosam.v1\"\x16\n\x14GetServerInfoRequest\"d\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\ninput_size\x18\x03 \x01(\x05\x12\x12\n\nis_default\x18\x04 \x01(\x08\x12\x11\n\tedge_snap\x18\x05 \x01(\x08\"\xd1\x01\n\x06Limits\x12\x12\n\nmax_pixels\x18\x01 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x02 \x01(\x03\x12\x12\n\nmax_points\x18\x03 \x01(\x05\x12\x1c\n\x14session_idle_seconds\x18\x04 \x01(\x01\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x05 \x01(\x03\x12\x14\n\x0cmax_sessions\x18\x06 \x01(\x05\x12\x1b\n\x13max_concurrent_rpcs\x18\x07 \x01(\x05\x12\x1e\n\x16max_concurrent_encodes\x18\x08 \x01(\x05\"\xce\x02\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12&\n\x06models\x18\x02 \x03(\x0b\x32\x16.histosam.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x03 \x01(\t\x12\x11\n\tproviders\x18\x04 \x03(\t\x12#\n\x06limits\x18\x05 \x01(\x0b\x32\x13.histosam.v1.Limits\x12\x16\n\x0etoken_required\x18\x06 \x01(\x08\x12\x16\n\x0eslides_enabled\x18\x07 \x01(\x08\x12\x15\n\ropen_sessions\x18\x08 \x01(\x05\x12\x18\n\x10\x63\x61\x63he_used_bytes\x18\t \x01(\x03\x12\x15\n\rcache_entries\x18\n \x01(\x05\x12\x35\n\x13propagation_default\x18\x0b \x01(\x0e\x32\x18.histosam.v1.Propagation\"?\n\x05\x46rame\x12\x10\n\x08origin_x\x18\x01 \x01(\x01\x12\x10\n\x08origin_y\x18\x02 \x01(\x01\x12\x12\n\ndownsample\x18\x03 \x01(\x01\"j\n\x0bSlideRegion\x12\x12\n\nslide_path\x18\x01 \x01(\t\x12\t\n\x01x\x18\x02 \x01(\x01\x12\t\n\x01y\x18\x03 \x01(\x01\x12\r\n\x05width\x18\x04 \x01(\x01\x12\x0e\n\x06height\x18\x05 \x01(\x01\x12\x12\n\ndownsample\x18\x06 \x01(\x01\"\x99\x01\n\x10OpenImageRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x17\n\rencoded_image\x18\x02 \x01(\x0cH\x00\x12\x30\n\x0cslide_region\x18\x03 \x01(\x0b\x32\x18.histosam.v1.SlideRegionH\x00\x12!\n\x05\x66rame\x18\x04 \x01(\x0b\x32\x12.histosam.v1.FrameB\x08\n\x06source\"\xd7\x01\n\x11OpenImageResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x11\n\tcache_hit\x18\x05 \x01(\x08\x12\x16\n\x0e\x65ncode_seconds\x18\x06 \x01(\x01\x12!\n\x05\x66rame\x18\x07 \x01(\x0b\x32\x12.histosam.v1.Frame\x12\x14\n\x0cmodel_sha256\x18\x08 \x01(\t\x12\x1c\n\x14\x64\x65\x63ode_image_seconds\x18\t \x01(\x01\"/\n\x05Point\x12\t\n\x01x\x18\x01 \x01(\x01\x12\t\n\x01y\x18\x02 \x01(\x01\x12\x10\n\x08positive\x18\x03 \x01(\x08\"5\n\x03\x42ox\x12\n\n\x02x0\x18\x01 \x01(\x01\x12\n\n\x02y0\x18\x02 \x01(\x01\x12\n\n\x02x1\x18\x03 \x01(\x01\x12\n\n\x02y1\x18\x04 \x01(\x01\"=\n\x07Polygon\x12\x10\n\x08\x65xterior\x18\x01 \x03(\x01\x12 \n\x05holes\x18\x02 \x03(\x0b\x32\x11.histosam.v1.Ring\"\x12\n\x04Ring\x12\n\n\x02xy\x18\x01 \x03(\x01\"\xb8\x02\n\x0c\x43lickRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\"\n\x06points\x18\x02 \x03(\x0b\x32\x12.histosam.v1.Point\x12\x1d\n\x03\x62ox\x18\x03 \x01(\x0b\x32\x10.histosam.v1.Box\x12\x15\n\rwant_mask_png\x18\x04 \x01(\x08\x12\x1a\n\x12simplify_tolerance\x18\x05 \x01(\x01\x12\x15\n\x08min_area\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\x0fmask_prompt_png\x18\x07 \x01(\x0c\x12\x32\n\x14mask_prompt_polygons\x18\x08 \x03(\x0b\x32\x14.histosam.v1.Polygon\x12-\n\x0bpropagation\x18\t \x01(\x0e\x32\x18.histosam.v1.PropagationB\x0b\n\t_min_area\"\xeb\x01\n\rClickResponse\x12&\n\x08polygons\x18\x01 \x03(\x0b\x32\x14.histosam.v1.Polygon\x12\x10\n\x08mask_png\x18\x02 \x01(\x0c\x12\x15\n\rpredicted_iou\x18\x03 \x01(\x02\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x04 \x01(\x01\x12\x12\n\nnum_points\x18\x05 \x01(\x05\x12\x15\n\rdecoded_steps\x18\x06 \x01(\x05\x12\x13\n\x0bmask_pixels\x18\x07 \x01(\x03\x12\r\n\x05width\x18\x08 \x01(\x05\x12\x0e\n\x06height\x18\t \x01(\x05\x12\x12\n\npropagated\x18\n \x01(\x08\"\'\n\x11\x43loseImageRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"$\n\x12\x43loseImageResponse\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08*l\n\x0bPropagation\x12\x1e\n\x1aPROPAGATION_SERVER_DEFAULT\x10\x00\x12\x12\n\x0ePROPAGATION_ON\x10\x01\x12\x13\n\x0fPROPAGATION_OFF\x10\x02\x12\x14\n\x10PROPAGATION_AUTO\x10\x03\x32\xc1\x02\n\x0cSegmentation\x12V\n\rGetServerInfo\x12!.histosam.v1.GetServerInfoRequest\x1a\".histosam.v1.GetServerInfoResponse\x12J\n\tOpenImage\x12\x1d.histosam.v1.OpenImageRequest\x1a\x1e.histosam.v1.OpenImageResponse\x12>\n\x05\x43lick\x12\x19.histosam.v1.ClickRequest\x1a\x1a.histosam.v1.ClickResponse\x12M\n\nCloseImage\x12\x1e.histosam.v1.CloseImageRequest\x1a\x1f.histosam.v1.CloseImageResponseB&\n\x0forg.histosam.v1B\x11SegmentationProtoP\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ehistosam/v1/segmentation.proto\x12\x0bhistosam.v1\"\x16\n\x14GetServerInfoRequest\"d\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\ninput_size\x18\x03 \x01(\x05\x12\x12\n\nis_default\x18\x04 \x01(\x08\x12\x11\n\tedge_snap\x18\x05 \x01(\x08\"\xd1\x01\n\x06Limits\x12\x12\n\nmax_pixels\x18\x01 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x02 \x01(\x03\x12\x12\n\nmax_points\x18\x03 \x01(\x05\x12\x1c\n\x14session_idle_seconds\x18\x04 \x01(\x01\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x05 \x01(\x03\x12\x14\n\x0cmax_sessions\x18\x06 \x01(\x05\x12\x1b\n\x13max_concurrent_rpcs\x18\x07 \x01(\x05\x12\x1e\n\x16max_concurrent_encodes\x18\x08 \x01(\x05\"\xe5\x02\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12&\n\x06models\x18\x02 \x03(\x0b\x32\x16.histosam.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x03 \x01(\t\x12\x11\n\tproviders\x18\x04 \x03(\t\x12#\n\x06limits\x18\x05 \x01(\x0b\x32\x13.histosam.v1.Limits\x12\x16\n\x0etoken_required\x18\x06 \x01(\x08\x12\x16\n\x0eslides_enabled\x18\x07 \x01(\x08\x12\x15\n\ropen_sessions\x18\x08 \x01(\x05\x12\x18\n\x10\x63\x61\x63he_used_bytes\x18\t \x01(\x03\x12\x15\n\rcache_entries\x18\n \x01(\x05\x12\x35\n\x13propagation_default\x18\x0b \x01(\x0e\x32\x18.histosam.v1.Propagation\x12\x15\n\rsession_bytes\x18\x0c \x01(\x03\"?\n\x05\x46rame\x12\x10\n\x08origin_x\x18\x01 \x01(\x01\x12\x10\n\x08origin_y\x18\x02 \x01(\x01\x12\x12\n\ndownsample\x18\x03 \x01(\x01\"j\n\x0bSlideRegion\x12\x12\n\nslide_path\x18\x01 \x01(\t\x12\t\n\x01x\x18\x02 \x01(\x01\x12\t\n\x01y\x18\x03 \x01(\x01\x12\r\n\x05width\x18\x04 \x01(\x01\x12\x0e\n\x06height\x18\x05 \x01(\x01\x12\x12\n\ndownsample\x18\x06 \x01(\x01\"\x99\x01\n\x10OpenImageRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x17\n\rencoded_image\x18\x02 \x01(\x0cH\x00\x12\x30\n\x0cslide_region\x18\x03 \x01(\x0b\x32\x18.histosam.v1.SlideRegionH\x00\x12!\n\x05\x66rame\x18\x04 \x01(\x0b\x32\x12.histosam.v1.FrameB\x08\n\x06source\"\xd7\x01\n\x11OpenImageResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x11\n\tcache_hit\x18\x05 \x01(\x08\x12\x16\n\x0e\x65ncode_seconds\x18\x06 \x01(\x01\x12!\n\x05\x66rame\x18\x07 \x01(\x0b\x32\x12.histosam.v1.Frame\x12\x14\n\x0cmodel_sha256\x18\x08 \x01(\t\x12\x1c\n\x14\x64\x65\x63ode_image_seconds\x18\t \x01(\x01\"/\n\x05Point\x12\t\n\x01x\x18\x01 \x01(\x01\x12\t\n\x01y\x18\x02 \x01(\x01\x12\x10\n\x08positive\x18\x03 \x01(\x08\"5\n\x03\x42ox\x12\n\n\x02x0\x18\x01 \x01(\x01\x12\n\n\x02y0\x18\x02 \x01(\x01\x12\n\n\x02x1\x18\x03 \x01(\x01\x12\n\n\x02y1\x18\x04 \x01(\x01\"=\n\x07Polygon\x12\x10\n\x08\x65xterior\x18\x01 \x03(\x01\x12 \n\x05holes\x18\x02 \x03(\x0b\x32\x11.histosam.v1.Ring\"\x12\n\x04Ring\x12\n\n\x02xy\x18\x01 \x03(\x01\"\xb8\x02\n\x0c\x43lickRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\"\n\x06points\x18\x02 \x03(\x0b\x32\x12.histosam.v1.Point\x12\x1d\n\x03\x62ox\x18\x03 \x01(\x0b\x32\x10.histosam.v1.Box\x12\x15\n\rwant_mask_png\x18\x04 \x01(\x08\x12\x1a\n\x12simplify_tolerance\x18\x05 \x01(\x01\x12\x15\n\x08min_area\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\x0fmask_prompt_png\x18\x07 \x01(\x0c\x12\x32\n\x14mask_prompt_polygons\x18\x08 \x03(\x0b\x32\x14.histosam.v1.Polygon\x12-\n\x0bpropagation\x18\t \x01(\x0e\x32\x18.histosam.v1.PropagationB\x0b\n\t_min_area\"\xeb\x01\n\rClickResponse\x12&\n\x08polygons\x18\x01 \x03(\x0b\x32\x14.histosam.v1.Polygon\x12\x10\n\x08mask_png\x18\x02 \x01(\x0c\x12\x15\n\rpredicted_iou\x18\x03 \x01(\x02\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x04 \x01(\x01\x12\x12\n\nnum_points\x18\x05 \x01(\x05\x12\x15\n\rdecoded_steps\x18\x06 \x01(\x05\x12\x13\n\x0bmask_pixels\x18\x07 \x01(\x03\x12\r\n\x05width\x18\x08 \x01(\x05\x12\x0e\n\x06height\x18\t \x01(\x05\x12\x12\n\npropagated\x18\n \x01(\x08\"\'\n\x11\x43loseImageRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"$\n\x12\x43loseImageResponse\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08*l\n\x0bPropagation\x12\x1e\n\x1aPROPAGATION_SERVER_DEFAULT\x10\x00\x12\x12\n\x0ePROPAGATION_ON\x10\x01\x12\x13\n\x0fPROPAGATION_OFF\x10\x02\x12\x14\n\x10PROPAGATION_AUTO\x10\x03\x32\xc1\x02\n\x0cSegmentation\x12V\n\rGetServerInfo\x12!.histosam.v1.GetServerInfoRequest\x1a\".histosam.v1.GetServerInfoResponse\x12J\n\tOpenImage\x12\x1d.histosam.v1.OpenImageRequest\x1a\x1e.histosam.v1.OpenImageResponse\x12>\n\x05\x43lick\x12\x19.histosam.v1.ClickRequest\x1a\x1a.histosam.v1.ClickResponse\x12M\n\nCloseImage\x12\x1e.histosam.v1.CloseImageRequest\x1a\x1f.histosam.v1.CloseImageResponseB&\n\x0forg.histosam.v1B\x11SegmentationProtoP\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,8 +32,8 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'histosam.v1.segmentation_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017org.histosam.v1B\021SegmentationProtoP\001'
-  _globals['_PROPAGATION']._serialized_start=2088
-  _globals['_PROPAGATION']._serialized_end=2196
+  _globals['_PROPAGATION']._serialized_start=2111
+  _globals['_PROPAGATION']._serialized_end=2219
   _globals['_GETSERVERINFOREQUEST']._serialized_start=47
   _globals['_GETSERVERINFOREQUEST']._serialized_end=69
   _globals['_MODELINFO']._serialized_start=71
@@ -41,31 +41,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LIMITS']._serialized_start=174
   _globals['_LIMITS']._serialized_end=383
   _globals['_GETSERVERINFORESPONSE']._serialized_start=386
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=720
-  _globals['_FRAME']._serialized_start=722
-  _globals['_FRAME']._serialized_end=785
-  _globals['_SLIDEREGION']._serialized_start=787
-  _globals['_SLIDEREGION']._serialized_end=893
-  _globals['_OPENIMAGEREQUEST']._serialized_start=896
-  _globals['_OPENIMAGEREQUEST']._serialized_end=1049
-  _globals['_OPENIMAGERESPONSE']._serialized_start=1052
-  _globals['_OPENIMAGERESPONSE']._serialized_end=1267
-  _globals['_POINT']._serialized_start=1269
-  _globals['_POINT']._serialized_end=1316
-  _globals['_BOX']._serialized_start=1318
-  _globals['_BOX']._serialized_end=1371
-  _globals['_POLYGON']._serialized_start=1373
-  _globals['_POLYGON']._serialized_end=1434
-  _globals['_RING']._serialized_start=1436
-  _globals['_RING']._serialized_end=1454
-  _globals['_CLICKREQUEST']._serialized_start=1457
-  _globals['_CLICKREQUEST']._serialized_end=1769
-  _globals['_CLICKRESPONSE']._serialized_start=1772
-  _globals['_CLICKRESPONSE']._serialized_end=2007
-  _globals['_CLOSEIMAGEREQUEST']._serialized_start=2009
-  _globals['_CLOSEIMAGEREQUEST']._serialized_end=2048
-  _globals['_CLOSEIMAGERESPONSE']._serialized_start=2050
-  _globals['_CLOSEIMAGERESPONSE']._serialized_end=2086
-  _globals['_SEGMENTATION']._serialized_start=2199
-  _globals['_SEGMENTATION']._serialized_end=2520
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=743
+  _globals['_FRAME']._serialized_start=745
+  _globals['_FRAME']._serialized_end=808
+  _globals['_SLIDEREGION']._serialized_start=810
+  _globals['_SLIDEREGION']._serialized_end=916
+  _globals['_OPENIMAGEREQUEST']._serialized_start=919
+  _globals['_OPENIMAGEREQUEST']._serialized_end=1072
+  _globals['_OPENIMAGERESPONSE']._serialized_start=1075
+  _globals['_OPENIMAGERESPONSE']._serialized_end=1290
+  _globals['_POINT']._serialized_start=1292
+  _globals['_POINT']._serialized_end=1339
+  _globals['_BOX']._serialized_start=1341
+  _globals['_BOX']._serialized_end=1394
+  _globals['_POLYGON']._serialized_start=1396
+  _globals['_POLYGON']._serialized_end=1457
+  _globals['_RING']._serialized_start=1459
+  _globals['_RING']._serialized_end=1477
+  _globals['_CLICKREQUEST']._serialized_start=1480
+  _globals['_CLICKREQUEST']._serialized_end=1792
+  _globals['_CLICKRESPONSE']._serialized_start=1795
+  _globals['_CLICKRESPONSE']._serialized_end=2030
+  _globals['_CLOSEIMAGEREQUEST']._serialized_start=2032
+  _globals['_CLOSEIMAGEREQUEST']._serialized_end=2071
+  _globals['_CLOSEIMAGERESPONSE']._serialized_start=2073
+  _globals['_CLOSEIMAGERESPONSE']._serialized_end=2109
+  _globals['_SEGMENTATION']._serialized_start=2222
+  _globals['_SEGMENTATION']._serialized_end=2543
 # @@protoc_insertion_point(module_scope)

@@ -57,7 +57,7 @@ class Limits(_message.Message):
     def __init__(self, max_pixels: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_points: _Optional[int] = ..., session_idle_seconds: _Optional[float] = ..., cache_bytes: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., max_concurrent_encodes: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("version", "models", "default_model", "providers", "limits", "token_required", "slides_enabled", "open_sessions", "cache_used_bytes", "cache_entries", "propagation_default")
+    __slots__ = ("version", "models", "default_model", "providers", "limits", "token_required", "slides_enabled", "open_sessions", "cache_used_bytes", "cache_entries", "propagation_default", "session_bytes")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class GetServerInfoResponse(_message.Message):
     CACHE_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     CACHE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     PROPAGATION_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_BYTES_FIELD_NUMBER: _ClassVar[int]
     version: str
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     default_model: str
@@ -80,7 +81,8 @@ class GetServerInfoResponse(_message.Message):
     cache_used_bytes: int
     cache_entries: int
     propagation_default: Propagation
-    def __init__(self, version: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., default_model: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., token_required: _Optional[bool] = ..., slides_enabled: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., cache_used_bytes: _Optional[int] = ..., cache_entries: _Optional[int] = ..., propagation_default: _Optional[_Union[Propagation, str]] = ...) -> None: ...
+    session_bytes: int
+    def __init__(self, version: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., default_model: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., token_required: _Optional[bool] = ..., slides_enabled: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., cache_used_bytes: _Optional[int] = ..., cache_entries: _Optional[int] = ..., propagation_default: _Optional[_Union[Propagation, str]] = ..., session_bytes: _Optional[int] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("origin_x", "origin_y", "downsample")
