@@ -225,9 +225,26 @@ class EdgeSnappingPredictor:
         box: np.ndarray | None = None,
         mask_logits: np.ndarray | None = None,
     ) -> Prediction:
+        p = self.predict_unsnapped(points=points, labels=labels, box=box, mask_logits=mask_logits)
+        return self.snap(p, points, labels)
+
+    def predict_unsnapped(
+        self,
+        points: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_logits: np.ndarray | None = None,
+    ) -> Prediction:
+        """The model's own answer; ``snap`` finishes it. A wrapper that may replace the mask
+        (click propagation) asks for this first, so it never pays for a snap it discards."""
         if self._lab is None:
             raise InvalidInputError("set_image must be called before predict")
-        p = self.inner.predict(points=points, labels=labels, box=box, mask_logits=mask_logits)
+        return self.inner.predict(points=points, labels=labels, box=box, mask_logits=mask_logits)
+
+    def snap(self, p: Prediction, points: np.ndarray | None, labels: np.ndarray | None) -> Prediction:
+        """``p`` with its mask edge-snapped (logits and predicted IoU untouched)."""
+        if self._lab is None:
+            raise InvalidInputError("set_image must be called before predict")
         pts = np.zeros((0, 2)) if points is None else np.asarray(points, np.float64).reshape(-1, 2)
         lbl = np.zeros((0,)) if labels is None else np.asarray(labels).reshape(-1)
         mask = snap_mask(self._lab, p.mask, pts, lbl, self.settings)

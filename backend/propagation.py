@@ -347,7 +347,8 @@ class PropagatingPredictor:
         key = self._key(points[:first], labels[:first], box)
         if key not in self._confidence:
             if n != first:  # the first step was not asked for on its own: answer it now
-                answer = self.inner.predict(points=points[:first], labels=labels[:first], box=box, mask_logits=None)
+                ask = getattr(self.inner, "predict_unsnapped", self.inner.predict)
+                answer = ask(points=points[:first], labels=labels[:first], box=box, mask_logits=None)
             self._confidence[key] = model_confidence(answer.low_res_logits, self.transform, self._graph.full_hw,
                                                      self.settings.temperature)
         return self._confidence[key]
@@ -377,15 +378,21 @@ class PropagatingPredictor:
     ) -> Prediction:
         if self._graph is None:
             raise InvalidInputError("set_image must be called before predict")
-        p = self.inner.predict(points=points, labels=labels, box=box, mask_logits=mask_logits)
+        # An edge-snapping inner predictor snaps only the masks this one keeps (as the server does).
+        unsnapped = getattr(self.inner, "predict_unsnapped", None)
+        p = (unsnapped or self.inner.predict)(points=points, labels=labels, box=box, mask_logits=mask_logits)
         n = 0 if points is None else len(np.asarray(points).reshape(-1, 2))
+
+        def own() -> Prediction:
+            return self.inner.snap(p, points, labels) if unsnapped is not None else p
+
         if n == 0 or labels is None:
-            return p
+            return own()
         points = np.asarray(points, np.float64).reshape(-1, 2)
         labels = np.asarray(labels).reshape(-1)
         if self.mode == "auto":
             confidence = self._first_confidence(points, labels, box, p, n)
             if not auto_propagates(confidence, self._ignored_clicks(points, labels, box, p, n), self.settings):
-                return p
+                return own()
         mask = self._graph.refine(p.low_res_logits, self.transform, points, labels)
         return Prediction(mask=mask, low_res_logits=p.low_res_logits, iou=p.iou)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from histosam.backend.catalog import SERVED_PROPAGATION
 from histosam.backend.errors import InvalidInputError, NotFoundError
 from histosam.backend.onnx_predictor import OnnxPredictor
 from histosam.backend.predictor import Prediction
@@ -253,7 +254,8 @@ def test_serve_flags_and_config_file_turn_propagation_on(tmp_path):
     from histosam.backend.server import ServerSettings
 
     parser = build_parser()
-    assert settings_from_args(parser.parse_args(["serve"])).propagation == "off"
+    assert settings_from_args(parser.parse_args(["serve"])).propagation == SERVED_PROPAGATION
+    assert settings_from_args(parser.parse_args(["serve", "--propagation", "off"])).propagation == "off"
     flagged = settings_from_args(parser.parse_args(["serve", "--propagation"]))
     assert flagged.propagation == "on" and flagged.propagation_config is None
     assert settings_from_args(parser.parse_args(["serve", "--propagation", "auto"])).propagation == "auto"
@@ -298,3 +300,31 @@ def test_nested_dissection_order_solves_the_same_system_exactly():
     weight[pins >= 0], target[pins >= 0] = 1e4, pins[pins >= 0]
     reference = np.clip(spsolve((lap + sp.diags(weight)).tocsc(), weight * target), 0, 1)
     assert np.abs(walker.ravel() - reference).max() < 1e-5
+
+
+def test_propagation_over_edge_snapping_snaps_only_the_masks_it_keeps():
+    """As the server does it: a propagated mask is the walker's (never snapped, and no snap is
+    computed for it); a mask auto leaves to the model is the snapped one."""
+    from histosam.backend.edge_snap import EdgeSnappingPredictor, EdgeSnapSettings
+
+    class CountingSnapper(EdgeSnappingPredictor):
+        snaps = 0
+
+        def snap(self, p, points, labels):
+            CountingSnapper.snaps += 1
+            return super().snap(p, points, labels)
+
+    img, left = two_regions()
+    follows = low_res_of(np.where(left, 20.0, -20.0))
+    pts, labels = np.array([[20.0, 60.0], [180.0, 60.0]]), np.array([1, 0])
+    snapper = CountingSnapper(ScriptedModel([follows]), EdgeSnapSettings())
+    snapper.set_image(img)
+    snapped = snapper.predict(points=pts, labels=labels).mask
+    CountingSnapper.snaps = 0
+    for mode, want in (("on", ImageGraph.from_image(img, PropagationSettings()).refine(follows, FRAME, pts, labels)),
+                       ("auto", snapped)):
+        wrapped = PropagatingPredictor(CountingSnapper(ScriptedModel([follows]), EdgeSnapSettings()),
+                                       PropagationSettings(), FRAME, mode=mode)
+        wrapped.set_image(img)
+        assert np.array_equal(wrapped.predict(points=pts, labels=labels).mask, want), mode
+    assert CountingSnapper.snaps == 1  # only auto's kept mask was snapped
