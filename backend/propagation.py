@@ -171,9 +171,10 @@ class LdlFactor:
     """``M + diag(d)`` solved for any ``d``: a fixed SPD pattern analysed once, refactored per solve.
 
     The analysis (AMD ordering, elimination tree, sizes of the factor) depends on the pattern
-    only, so it is done here, once; ``solve`` refactors the numbers in that analysis (qdldl's
-    ``update``). One solver object holds one factorisation, so concurrent solves on the same
-    image (two sessions on one slide region) take turns.
+    only, so it is done once, by ``analyse`` (at OpenImage) or by the first ``solve``; every
+    later ``solve`` refactors the numbers in that analysis (qdldl's ``update``). One solver object
+    holds one factorisation, so concurrent solves on the same image (two sessions on one slide
+    region) take turns.
     """
 
     def __init__(self, matrix: sp.spmatrix) -> None:
@@ -187,21 +188,47 @@ class LdlFactor:
         self._upper = upper
         self._base = upper.data.copy()
         self._diagonal_at = ends - 1
-        self._solver = qdldl.Solver(upper, upper=True)
+        self._solver: qdldl.Solver | None = None
         self._lock = threading.Lock()
-        self.analyses = 1  # counted, so tests can see the per-image work is not redone per click
+        self._factor_bytes = 0
+        self.analyses = 0  # counted, so tests can see the per-image work is not redone per click
         self.refactorisations = 0
-        factor_nnz = int(self._solver.factors()[0].nnz)
+
+    def _system(self, diagonal: np.ndarray | None) -> sp.csc_matrix:
+        values = self._base.copy()
+        if diagonal is not None:
+            values[self._diagonal_at] += diagonal
+        return sp.csc_matrix((values, self._upper.indices, self._upper.indptr), shape=self._upper.shape)
+
+    def _analyse(self, system: sp.csc_matrix) -> None:
+        """Order, analyse and factor ``system`` (call with the lock held)."""
+        self._solver = qdldl.Solver(system, upper=True)
+        self.analyses += 1
         # qdldl keeps L (values and 64-bit row indices), D, 1/D, the permutation and a permuted copy.
-        self.nbytes = int(16 * factor_nnz + 2 * (upper.data.nbytes + upper.indices.nbytes) + 48 * n)
+        n, nnz = self._upper.shape[0], int(self._upper.nnz)
+        self._factor_bytes = int(16 * self._solver.factors()[0].nnz + 32 * nnz + 48 * n)
+
+    def analyse(self) -> LdlFactor:
+        """Do the per-image work now (OpenImage), not in the first click."""
+        with self._lock:
+            if self._solver is None:
+                self._analyse(self._system(None))
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held: the pattern, and the factor once analysed."""
+        upper = self._upper
+        return int(2 * upper.data.nbytes + upper.indices.nbytes + upper.indptr.nbytes + self._factor_bytes)
 
     def solve(self, diagonal: np.ndarray, rhs: np.ndarray) -> np.ndarray:
         """``(M + diag(diagonal))^-1 rhs``."""
-        values = self._base.copy()
-        values[self._diagonal_at] += diagonal
-        system = sp.csc_matrix((values, self._upper.indices, self._upper.indptr), shape=self._upper.shape)
+        system = self._system(diagonal)
         with self._lock:
-            self._solver.update(system, upper=True)
+            if self._solver is None:
+                self._analyse(system)  # not analysed at OpenImage: analysed now, with this click's numbers
+            else:
+                self._solver.update(system, upper=True)
             self.refactorisations += 1
             return np.asarray(self._solver.solve(np.ascontiguousarray(rhs, np.float64)))
 
@@ -239,15 +266,22 @@ class ImageGraph:
 
     @classmethod
     def from_working_image(
-        cls, small: np.ndarray, full_hw: tuple[int, int], settings: PropagationSettings
+        cls, small: np.ndarray, full_hw: tuple[int, int], settings: PropagationSettings, analyse: bool = True
     ) -> ImageGraph:
-        """The graph from ``working_image``'s output; ``full_hw`` is the original image's size."""
+        """The graph from ``working_image``'s output; ``full_hw`` is the original image's size.
+
+        ``analyse``: order and analyse the factorisation now (a graph kept for the image's clicks);
+        False for a graph built for one click, whose solve then analyses and factors in one go.
+        """
         hs, ws = small.shape[:2]
         lab = cv2.cvtColor(np.ascontiguousarray(small), cv2.COLOR_RGB2LAB).astype(np.float64)
         order = nested_dissection(hs, ws)
         natural = _laplacian(lab, settings.beta)
         laplacian = natural[order][:, order].tocsc()
-        return cls(laplacian, order, (hs, ws), (int(full_hw[0]), int(full_hw[1])), settings, LdlFactor(natural))
+        factor = LdlFactor(natural)
+        if analyse:
+            factor.analyse()
+        return cls(laplacian, order, (hs, ws), (int(full_hw[0]), int(full_hw[1])), settings, factor)
 
     @classmethod
     def from_image(cls, image: np.ndarray, settings: PropagationSettings) -> ImageGraph:

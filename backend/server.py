@@ -500,8 +500,9 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
             return embedding.graph
         if embedding.working_image is None:  # pragma: no cover - every _encode keeps one
             raise InvalidInputError("this image was opened without the copy click propagation needs")
-        # ~20 ms at 160 px: rebuilt per click rather than held per session (1.8 MB each)
-        return ImageGraph.from_working_image(embedding.working_image, embedding.hw, settings)
+        # ~20 ms at 160 px: rebuilt per click rather than held per session (1.8 MB each, and the
+        # factor's ~10 MB); its one solve orders, analyses and factors at once.
+        return ImageGraph.from_working_image(embedding.working_image, embedding.hw, settings, analyse=False)
 
     def _prompt(self, request: pb.ClickRequest, session: Session) -> Prompt:
         w, h, frame = session.width, session.height, session.frame

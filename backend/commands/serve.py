@@ -42,8 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="calls admitted at once, running or queued (default 32); more get RESOURCE_EXHAUSTED")
     p.add_argument("--max-concurrent-encodes", type=int, default=S, metavar="N",
                    help="image encodes running at once (default 2): bounds the encoder's working memory")
+    p.add_argument("--max-concurrent-clicks", type=int, default=S, metavar="N",
+                   help="clicks computed at once across sessions (default 0: one per CPU core); more wait their turn")
     p.add_argument("--ort-threads", type=int, default=S, metavar="N",
-                   help="onnxruntime intra-op threads per session (default: onnxruntime's choice)")
+                   help="onnxruntime intra-op threads per session (default: 1 for the decoder, onnxruntime's "
+                   "choice for the encoder)")
     p.add_argument("--cpu", dest="prefer_gpu", action="store_false", default=S,
                    help="use the CPU provider even when CUDA is available")
     p.add_argument("--cache-bytes", type=int, default=S, metavar="N", help="embedding cache budget (default 1 GiB)")
@@ -76,7 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 SETTING_FLAGS = (
     "host", "port", "models", "default_model", "slide_root", "token_file", "tls_cert", "tls_key", "threads",
-    "max_concurrent_rpcs", "max_concurrent_encodes", "ort_threads", "prefer_gpu", "cache_bytes", "session_idle_seconds", "max_sessions", "max_pixels",
+    "max_concurrent_rpcs", "max_concurrent_encodes", "max_concurrent_clicks", "ort_threads", "prefer_gpu", "cache_bytes", "session_idle_seconds", "max_sessions", "max_pixels",
     "max_message_bytes", "max_points", "grace_seconds", "propagation", "propagation_config",
     "edge_snap", "edge_snap_config",
 )
