@@ -18,8 +18,9 @@ far-reaching effect is still the model's.
 Cost. One sparse symmetric system over the band's pixels per click. The band is measured in
 low-res pixels so that it follows the model's error, and the walker runs on a copy of the image
 at most ``working_side`` px a side (1.5 px per low-res pixel at 384 px), so its size is bounded
-whatever the region a user opens: ~60 ms a click on one CPU thread for a GlaS patch, 2.65x the
-decoder alone (``histosam bench serve``, paired per click).
+whatever the region a user opens (``histosam bench serve --edge-snap on`` gives its cost per click as
+a ratio to the decoder). The band changes with every click, so nothing of the factorisation
+carries over: each click orders (AMD) and factors its band afresh, and the ordering is most of it.
 
 When. It belongs to the weights it was measured for, like the mask calibration: the shipped
 default's bundle manifest says ``"edge_snap": true`` and servers follow it unless told

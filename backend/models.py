@@ -85,7 +85,9 @@ class LoadedModel:
 
 # Nice value added to the server's encoder threads: an encode yields the CPU to clicks (each a few
 # tens of ms) instead of holding every core for its whole second; on an idle machine it runs as fast.
-ENCODER_NICENESS = 5
+# Mild on purpose: on a host shared with other busy processes a lowered encode also yields to them
+# (at +5, one OpenImage on this 2-core machine at load 14 took 25 s).
+ENCODER_NICENESS = 3
 
 
 def load_model(path: Path, providers: list[str] | None = None, threads: int | None = None,

@@ -166,7 +166,7 @@ class ServerSettings:
     propagation_config: Path | None = None
     # Edge snapping (backend/edge_snap.py): the model's mask edge moved onto the image's colour
     # edge within a thin band. "model" (default): for the models whose bundle asks for it (the
-    # shipped default: GlaS NoF@90 13 -> 10 of 22, NoC@85 9.09 -> 8.91; ~2.5x the decoder's
+    # shipped default: GlaS NoF@90 13 -> 10 of 22, NoC@85 9.09 -> 8.91; ~2.2x the decoder's
     # per-click time on one CPU thread); "on": every model; "off": none (fastest, and the
     # model's raw masks). Applies to the model's masks, not to propagated ones (the walker
     # already follows colour edges). Settings from ``edge_snap_config``, else edge_snap.yaml.
