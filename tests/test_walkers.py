@@ -225,3 +225,26 @@ def test_max_concurrent_clicks_is_checked():
     with pytest.raises(InvalidInputError, match="max-concurrent-clicks"):
         ServerSettings(max_concurrent_clicks=-1)
     assert ServerSettings.from_mapping({"max-concurrent-clicks": "3"}).max_concurrent_clicks == 3
+
+
+@pytest.mark.slow
+def test_the_load_bench_sweeps_client_counts(tiny_bundle, tmp_path, capsys):
+    """`histosam bench load --sweep 1 2`: one server per count, clicks/s, p50 and p99 of each."""
+    import json
+
+    from histosam.backend.cli import main
+
+    out = tmp_path / "sweep.json"
+    rc = main(["bench", "load", "--sweep", "1", "2", "--clicks", "3", "--models", str(tiny_bundle), "--cpu",
+               "--ort-threads", "1", "--threads", "2", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert rc == 0 and result["bench"] == "load-sweep"
+    assert [row["clients"] for row in result["summary"]] == [1, 2]
+    for row, run in zip(result["summary"], result["runs"], strict=True):
+        assert row["errors"] == 0 and run["clicks"] == 3 * row["clients"]
+        assert row["clicks_per_second"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
+    assert result["summary"][0]["p50_over_first"] == 1.0
+    assert (tmp_path / "sweep-2clients.json").is_file() and (tmp_path / "sweep-2clients.png").is_file()
+    capsys.readouterr()
+    assert main(["bench", "load", "--sweep", "0", "--out", str(tmp_path / "bad.json")]) != 0
+    assert "--sweep client counts and --clicks must be positive" in capsys.readouterr().err
