@@ -50,6 +50,9 @@ def register_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hostile", action="store_true",
                    help="run the honest clients (--clients - 1) twice, alone and beside one hostile client (the attacks "
                    "of issue 22), and report their p50/p99 side by side")
+    p.add_argument("--sweep", type=int, nargs="+", metavar="N",
+                   help="run once per client count (a fresh server each, e.g. --sweep 1 4 8) and report clicks/s, "
+                   "p50 and p99 of each, and each p50 over the first count's; --clients is then ignored")
     p.set_defaults(bench_func=run_bench)
 
 
@@ -235,8 +238,12 @@ def run_bench(args: argparse.Namespace) -> int:
     from histosam.backend.client import SegmentationClient
     from histosam.backend.errors import InvalidInputError
 
+    if getattr(args, "hostile", False) and getattr(args, "sweep", None):
+        raise InvalidInputError("give --hostile or --sweep, not both")
     if getattr(args, "hostile", False):
         return run_hostile_bench(args)
+    if getattr(args, "sweep", None):
+        return run_sweep(args)
     if args.clients < 1 or args.clicks < 1:
         raise InvalidInputError("--clients and --clicks must be positive")
     pairs, source = load_pairs(args.clients, args.images, args.seed)
@@ -321,6 +328,43 @@ def run_bench(args: argparse.Namespace) -> int:
     plot = _plot(args.out.with_suffix(".png"), logs, t_start, server.samples, result)
     _print_summary(result, args.out, plot)
     return 0 if not errors else 1
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """``run_bench`` once per ``--sweep`` client count; one JSON with every run and the ratios.
+
+    Each count gets its own server, so no run inherits another's cache or sessions; the per-count
+    results (and plots) are written beside ``--out`` as ``<stem>-<N>clients.json``.
+    """
+    import copy
+
+    from histosam.backend.errors import InvalidInputError
+
+    counts = list(args.sweep)
+    if any(n < 1 for n in counts) or args.clicks < 1:
+        raise InvalidInputError("--sweep client counts and --clicks must be positive")
+    runs, status = [], 0
+    for n in counts:
+        sub = copy.copy(args)
+        sub.sweep, sub.clients = None, n
+        sub.out = args.out.with_name(f"{args.out.stem}-{n}clients{args.out.suffix or '.json'}")
+        status |= run_bench(sub)
+        runs.append(json.loads(sub.out.read_text()))
+    base = runs[0]["click_latency"]["p50_ms"]
+    summary = [{"clients": r["clients"], "clicks_per_second": r["clicks_per_second"],
+                "p50_ms": r["click_latency"]["p50_ms"], "p99_ms": r["click_latency"]["p99_ms"],
+                "p50_over_first": r["click_latency"]["p50_ms"] / base if base else None,
+                "errors": r["errors"]} for r in runs]
+    _write_json(args.out, {"bench": "load-sweep", "clicks_per_client": args.clicks, "cpu_count": os.cpu_count(),
+                           "summary": summary, "runs": runs})
+    print(f"load sweep ({args.clicks} clicks per client, {os.cpu_count()} CPUs):")
+    print(f"{'clients':>8}{'clicks/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'p50 / first':>13}{'errors':>8}")
+    for row in summary:
+        ratio = row["p50_over_first"]
+        print(f"{row['clients']:>8}{row['clicks_per_second']:>10.2f}{row['p50_ms']:>10.1f}{row['p99_ms']:>10.1f}"
+              f"{(f'{ratio:.2f}x' if ratio is not None else '-'):>13}{row['errors']:>8}")
+    print(f"  wrote {args.out}")
+    return status
 
 
 def _write_json(path: Path, result: dict[str, Any]) -> None:

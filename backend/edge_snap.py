@@ -18,8 +18,9 @@ far-reaching effect is still the model's.
 Cost. One sparse symmetric system over the band's pixels per click. The band is measured in
 low-res pixels so that it follows the model's error, and the walker runs on a copy of the image
 at most ``working_side`` px a side (1.5 px per low-res pixel at 384 px), so its size is bounded
-whatever the region a user opens: ~60 ms a click on one CPU thread for a GlaS patch, 2.65x the
-decoder alone (``histosam bench serve``, paired per click).
+whatever the region a user opens (``histosam bench serve --edge-snap on`` gives its cost per click as
+a ratio to the decoder). The band changes with every click, so nothing of the factorisation
+carries over: each click orders (AMD) and factors its band afresh, and the ordering is most of it.
 
 When. It belongs to the weights it was measured for, like the mask calibration: the shipped
 default's bundle manifest says ``"edge_snap": true`` and servers follow it unless told
@@ -41,8 +42,8 @@ from typing import ClassVar
 
 import cv2
 import numpy as np
+import qdldl
 import scipy.sparse as sp
-from scipy.ndimage import binary_fill_holes
 from scipy.ndimage import label as label_regions
 from scipy.sparse.linalg import spsolve
 
@@ -92,15 +93,34 @@ def working_lab(image: np.ndarray, settings: EdgeSnapSettings) -> np.ndarray:
     return lab
 
 
+def _holes(mask: np.ndarray) -> np.ndarray:
+    """Background pixels not 4-connected to the image border (scipy's ``binary_fill_holes`` minus
+    the mask), by one OpenCV flood fill from a padding ring: a fraction of the iterated dilations'
+    cost, the same pixels."""
+    h, w = mask.shape
+    padded = np.zeros((h + 2, w + 2), np.uint8)
+    padded[1:-1, 1:-1] = mask
+    cv2.floodFill(padded, np.zeros((h + 4, w + 4), np.uint8), (0, 0), 1, flags=4)
+    return padded[1:-1, 1:-1] == 0
+
+
 def _disk(radius: int) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
 
 
-def _walk(lab: np.ndarray, pinned_value: np.ndarray, free: np.ndarray, beta: float) -> np.ndarray:
+SOLVERS = ("ldl", "superlu")  # snap_mask's solve: sparse LDL^T (qdldl), or the SuperLU reference
+
+
+def _walk(lab: np.ndarray, pinned_value: np.ndarray, free: np.ndarray, beta: float, solver: str = "ldl") -> np.ndarray:
     """Random-walker probability of label 1 on the ``free`` pixels (bool (h, w)), the rest pinned.
 
-    Solves ``L_ff x = -L_fp x_p`` (the combinatorial Dirichlet problem) by a sparse direct solve.
+    Solves ``L_ff x = -L_fp x_p`` (the combinatorial Dirichlet problem) by a sparse direct solve:
+    an LDL^T factorisation of the upper triangle (qdldl, AMD order; the band is a thin strip, so
+    the factor stays small), or SuperLU's general ``spsolve`` (``solver="superlu"``, the reference).
+    Iterative solvers stall here: a pixel walled off by strong colour edges hangs on 1e-6 weights.
     """
+    if solver not in SOLVERS:
+        raise InvalidInputError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
     h, w = free.shape
     n = int(free.sum())
     index = np.full((h, w), -1, np.int64)
@@ -123,15 +143,17 @@ def _walk(lab: np.ndarray, pinned_value: np.ndarray, free: np.ndarray, beta: flo
         diag += np.bincount(a[fa], weight[fa], n) + np.bincount(b[fb], weight[fb], n)
         only_a, only_b = fa & ~fb, fb & ~fa  # an edge to a pinned neighbour feeds the right-hand side
         rhs += np.bincount(a[only_a], (weight * pb)[only_a], n) + np.bincount(b[only_b], (weight * pa)[only_b], n)
-        both = fa & fb
-        rows += [a[both], b[both]]
-        cols += [b[both], a[both]]
-        vals += [-weight[both], -weight[both]]
+        both = fa & fb  # a < b: pixels are numbered in row-major order, b is right of or below a
+        rows.append(a[both])
+        cols.append(b[both])
+        vals.append(-weight[both])
     ar = np.arange(n)
-    system = sp.csc_matrix(
+    upper = sp.csc_matrix(
         (np.concatenate([*vals, diag]), (np.concatenate([*rows, ar]), np.concatenate([*cols, ar]))), shape=(n, n)
     )
-    return np.asarray(spsolve(system, rhs))
+    if solver == "ldl":
+        return np.asarray(qdldl.Solver(upper, upper=True).solve(rhs))
+    return np.asarray(spsolve((upper + sp.triu(upper, 1).T).tocsc(), rhs))
 
 
 def snap_mask(
@@ -140,11 +162,13 @@ def snap_mask(
     points: np.ndarray,
     labels: np.ndarray,
     settings: EdgeSnapSettings,
+    solver: str = "ldl",
 ) -> np.ndarray:
     """The model's (H, W) bool ``mask`` with its edge snapped (see the module docstring).
 
     ``lab`` is ``working_lab``'s copy of the same image; ``points`` are (x, y) in full-resolution
-    pixels with ``labels`` 1 / 0 (other labels, e.g. box corners, are not clicks).
+    pixels with ``labels`` 1 / 0 (other labels, e.g. box corners, are not clicks). ``solver``
+    picks the sparse solve (``SOLVERS``; "superlu" is the earlier one, kept as the reference).
     """
     mask = np.asarray(mask, bool)
     full_h, full_w = mask.shape
@@ -178,7 +202,7 @@ def snap_mask(
     y0, y1 = max(0, ys.min() - 1), min(h, ys.max() + 2)
     x0, x1 = max(0, xs.min() - 1), min(w, xs.max() + 2)
     crop = (slice(y0, y1), slice(x0, x1))
-    x = _walk(lab[crop], pinned_value[crop], free[crop], settings.beta)
+    x = _walk(lab[crop], pinned_value[crop], free[crop], settings.beta, solver)
     snapped = small.astype(bool)
     snapped[band] = pinned_value[band] >= 0.5  # click disks in the band carry their label
     snapped_crop = snapped[crop]
@@ -186,7 +210,7 @@ def snap_mask(
     # Snapping moves edges; it does not change topology: holes it opened (a band crossing a gland's
     # white lumen) are filled; holes the model left, and holes around a negative click (the user
     # asked for them), stay.
-    opened = binary_fill_holes(snapped) & ~snapped & ~(binary_fill_holes(small) & ~small.astype(bool))
+    opened = _holes(snapped) & ~_holes(small.astype(bool))
     if opened.any() and negative.any():
         holes, _ = label_regions(opened)
         asked = np.unique(holes[negative & opened])

@@ -110,10 +110,26 @@ class LoadedModel:
         return self.bundle.transform
 
 
-def load_model(path: Path, providers: list[str] | None = None, threads: int | None = None) -> LoadedModel:
+# Nice value added to the server's encoder threads: an encode yields the CPU to clicks (each a few
+# tens of ms) instead of holding every core for its whole second; on an idle machine it runs as fast.
+# Mild on purpose: on a host shared with other busy processes a lowered encode also yields to them
+# (at +5, one OpenImage on this 2-core machine at load 14 took 25 s).
+ENCODER_NICENESS = 3
+
+
+def load_model(path: Path, providers: list[str] | None = None, threads: int | None = None,
+               serving: bool = False) -> LoadedModel:
+    """A bundle's sessions. ``serving``: tuned for a server's many concurrent sessions, i.e. the
+    decoder on one intra-op thread unless ``threads`` says otherwise (a click is small; clicks of
+    different sessions run in parallel on the cores instead), the encoder at lower priority
+    (``ENCODER_NICENESS``), and no intra-op thread busy-waiting."""
     bundle = load_bundle(path)  # verifies every file's sha256
-    encoder = OnnxEncoder(bundle, providers, threads)
-    decoder = OnnxDecoder(bundle, providers, threads)
+    if not serving:
+        encoder = OnnxEncoder(bundle, providers, threads)
+        decoder = OnnxDecoder(bundle, providers, threads)
+    else:
+        encoder = OnnxEncoder(bundle, providers, threads, niceness=ENCODER_NICENESS, spinning=False)
+        decoder = OnnxDecoder(bundle, providers, threads or 1, spinning=False)
     return LoadedModel(bundle, encoder, decoder, list(encoder.session.get_providers()))
 
 
@@ -144,11 +160,12 @@ class ModelStore:
         default: str | None = None,
         prefer_gpu: bool = True,
         threads: int | None = None,
+        serving: bool = False,
     ) -> ModelStore:
         providers = available_providers(prefer_gpu)
         models = []
         for path in bundles:
-            model = load_model(Path(path), providers, threads)
+            model = load_model(Path(path), providers, threads, serving)
             log.info("model %s (%s) from %s on %s", model.name, model.sha256[:12], path, ", ".join(model.providers))
             models.append(model)
         return cls(models, default)

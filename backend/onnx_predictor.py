@@ -7,6 +7,7 @@ post-processing are the shared numpy transforms (histosam.backend.transforms).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,24 +31,69 @@ def available_providers(prefer_gpu: bool = True) -> list[str]:
     return chosen
 
 
-def make_session(path: Path, providers: list[str] | None = None, threads: int | None = None):
+def lower_thread_priority(niceness: int) -> bool:
+    """Raise the calling thread's nice value by ``niceness`` (Linux: nice values are per thread,
+    and threads it starts inherit them). False where the platform has no per-thread priority."""
+    if niceness <= 0 or not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
+        return False
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + niceness))
+    except OSError:
+        return False
+    return True
+
+
+def make_session(path: Path, providers: list[str] | None = None, threads: int | None = None,
+                 niceness: int = 0, spinning: bool = True):
+    """An onnxruntime session; ``threads`` intra-op threads (None: onnxruntime's choice).
+
+    ``spinning=False`` lets idle intra-op threads sleep instead of busy-waiting for work, which
+    on a shared CPU takes cores from other requests. ``niceness > 0`` builds the session in a
+    thread of lower priority, so its intra-op threads (started now, inheriting it) yield the CPU
+    to normal-priority work: the server's encoder must not stall other sessions' clicks.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers or available_providers())
+
+    def build():
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers or available_providers())
+
+    if niceness <= 0:
+        return build()
+    made: list[Any] = []
+    failed: list[BaseException] = []
+
+    def build_in_background() -> None:
+        lower_thread_priority(niceness)
+        try:
+            made.append(build())
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            failed.append(exc)
+
+    worker = threading.Thread(target=build_in_background, name="histosam-session-build")
+    worker.start()
+    worker.join()
+    if failed:
+        raise failed[0]
+    return made[0]
 
 
 class OnnxEncoder:
     """encoder.onnx: image -> features dict. Thread-safe (onnxruntime sessions are)."""
 
-    def __init__(self, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None) -> None:
+    def __init__(self, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None,
+                 niceness: int = 0, spinning: bool = True) -> None:
         self.bundle = bundle
         self.transform = bundle.transform
-        self.session = make_session(bundle.graph_path("encoder"), providers, threads)
+        self.session = make_session(bundle.graph_path("encoder"), providers, threads, niceness, spinning)
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
@@ -60,10 +106,10 @@ class OnnxDecoder:
     """decoder.onnx: features + prompt -> (low-res logits, iou)."""
 
     def __init__(self, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None,
-                 graph: str = "decoder") -> None:
+                 graph: str = "decoder", spinning: bool = True) -> None:
         self.bundle = bundle
         self.transform = bundle.transform
-        self.session = make_session(bundle.graph_path(graph), providers, threads)
+        self.session = make_session(bundle.graph_path(graph), providers, threads, spinning=spinning)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, features: dict[str, np.ndarray], hw: tuple[int, int], points=None, labels=None,

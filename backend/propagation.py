@@ -18,8 +18,14 @@ a disk around each click. ``L`` is the 4-neighbour graph Laplacian in CIELAB wit
 probability; ``g_i = gamma |2 p_i - 1|`` trusts the model where it is confident and lets the
 clicks decide where it is not. The minimiser solves one sparse symmetric positive definite
 system, ``(L + diag(g)) x = g p`` (clicks are pins with a weight far above any edge), by a
-direct factorisation (SuperLU in symmetric mode, nested-dissection order): iterative solvers
-stall on these ill-conditioned systems and leave wrong labels far from the clicks.
+direct factorisation: iterative solvers stall on these ill-conditioned systems (edge weights
+down to 1e-6, prior weights of 1e-4, pins of 1e4) and leave wrong labels far from the clicks;
+an algebraic-multigrid preconditioner (pyamg, hierarchy set up once per image, Galerkin
+operators redone per click) needed as much time per click as the factorisation. The system's
+sparsity pattern is the image's: only the diagonal changes with a click. So the fill-reducing
+ordering and the symbolic analysis of an LDL^T factorisation (``qdldl``: AMD order, elimination
+tree) are done once per image, kept with the embedding, and a click refactors the numbers only
+(``ImageGraph.solve``), a sparse Cholesky without SuperLU's pivoting LU machinery.
 
 The answer keeps the model's detail: the walker's *change* ``x - p``, upsampled, is added to the
 model's full-resolution probability, so where the walker agrees with the model the mask is the
@@ -43,12 +49,14 @@ predictors use it, so what ``histosam evaluate`` measures is what a click return
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import cv2
 import numpy as np
+import qdldl
 import scipy.sparse as sp
 from scipy.sparse.linalg import splu
 
@@ -196,12 +204,82 @@ def nested_dissection(h: int, w: int, leaf: int = 6) -> np.ndarray:
     return np.concatenate(parts)
 
 
+SOLVERS = ("ldl", "superlu")  # ImageGraph.solve: the per-image LDL^T, or the per-click SuperLU reference
+
+
+class LdlFactor:
+    """``M + diag(d)`` solved for any ``d``: a fixed SPD pattern analysed once, refactored per solve.
+
+    The analysis (AMD ordering, elimination tree, sizes of the factor) depends on the pattern
+    only, so it is done once, by ``analyse`` (at OpenImage) or by the first ``solve``; every
+    later ``solve`` refactors the numbers in that analysis (qdldl's ``update``). One solver object
+    holds one factorisation, so concurrent solves on the same image (two sessions on one slide
+    region) take turns.
+    """
+
+    def __init__(self, matrix: sp.spmatrix) -> None:
+        upper = sp.triu(matrix, format="csc")
+        upper.sort_indices()
+        n = upper.shape[0]
+        starts, ends = upper.indptr[:-1], upper.indptr[1:]
+        # In a sorted upper-triangular CSC column the diagonal entry is the last one.
+        if n and not np.array_equal(upper.indices[ends - 1], np.arange(n)) or np.any(ends == starts):
+            raise ValueError("LdlFactor needs every diagonal entry present")
+        self._upper = upper
+        self._base = upper.data.copy()
+        self._diagonal_at = ends - 1
+        self._solver: qdldl.Solver | None = None
+        self._lock = threading.Lock()
+        self._factor_bytes = 0
+        self.analyses = 0  # counted, so tests can see the per-image work is not redone per click
+        self.refactorisations = 0
+
+    def _system(self, diagonal: np.ndarray | None) -> sp.csc_matrix:
+        values = self._base.copy()
+        if diagonal is not None:
+            values[self._diagonal_at] += diagonal
+        return sp.csc_matrix((values, self._upper.indices, self._upper.indptr), shape=self._upper.shape)
+
+    def _analyse(self, system: sp.csc_matrix) -> None:
+        """Order, analyse and factor ``system`` (call with the lock held)."""
+        self._solver = qdldl.Solver(system, upper=True)
+        self.analyses += 1
+        # qdldl keeps L (values and 64-bit row indices), D, 1/D, the permutation and a permuted copy.
+        n, nnz = self._upper.shape[0], int(self._upper.nnz)
+        self._factor_bytes = int(16 * self._solver.factors()[0].nnz + 32 * nnz + 48 * n)
+
+    def analyse(self) -> LdlFactor:
+        """Do the per-image work now (OpenImage), not in the first click."""
+        with self._lock:
+            if self._solver is None:
+                self._analyse(self._system(None))
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held: the pattern, and the factor once analysed."""
+        upper = self._upper
+        return int(2 * upper.data.nbytes + upper.indices.nbytes + upper.indptr.nbytes + self._factor_bytes)
+
+    def solve(self, diagonal: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+        """``(M + diag(diagonal))^-1 rhs``."""
+        system = self._system(diagonal)
+        with self._lock:
+            if self._solver is None:
+                self._analyse(system)  # not analysed at OpenImage: analysed now, with this click's numbers
+            else:
+                self._solver.update(system, upper=True)
+            self.refactorisations += 1
+            return np.asarray(self._solver.solve(np.ascontiguousarray(rhs, np.float64)))
+
+
 @dataclass(frozen=True)
 class ImageGraph:
     """The per-image half of the work, done once when an image is opened.
 
     ``laplacian`` is stored already permuted to ``order`` (nested dissection), the order the
-    per-click factorisation runs in.
+    SuperLU reference solve runs in; ``factor`` is the analysed LDL^T of the Laplacian (natural
+    order) that every click refactors.
     """
 
     laplacian: sp.csc_matrix
@@ -209,6 +287,7 @@ class ImageGraph:
     small_hw: tuple[int, int]
     full_hw: tuple[int, int]
     settings: PropagationSettings
+    factor: LdlFactor = field(compare=False, repr=False)
 
     @staticmethod
     def working_image(image: np.ndarray, settings: PropagationSettings) -> np.ndarray:
@@ -227,14 +306,22 @@ class ImageGraph:
 
     @classmethod
     def from_working_image(
-        cls, small: np.ndarray, full_hw: tuple[int, int], settings: PropagationSettings
+        cls, small: np.ndarray, full_hw: tuple[int, int], settings: PropagationSettings, analyse: bool = True
     ) -> ImageGraph:
-        """The graph from ``working_image``'s output; ``full_hw`` is the original image's size."""
+        """The graph from ``working_image``'s output; ``full_hw`` is the original image's size.
+
+        ``analyse``: order and analyse the factorisation now (a graph kept for the image's clicks);
+        False for a graph built for one click, whose solve then analyses and factors in one go.
+        """
         hs, ws = small.shape[:2]
         lab = cv2.cvtColor(np.ascontiguousarray(small), cv2.COLOR_RGB2LAB).astype(np.float64)
         order = nested_dissection(hs, ws)
-        laplacian = _laplacian(lab, settings.beta)[order][:, order].tocsc()
-        return cls(laplacian, order, (hs, ws), (int(full_hw[0]), int(full_hw[1])), settings)
+        natural = _laplacian(lab, settings.beta)
+        laplacian = natural[order][:, order].tocsc()
+        factor = LdlFactor(natural)
+        if analyse:
+            factor.analyse()
+        return cls(laplacian, order, (hs, ws), (int(full_hw[0]), int(full_hw[1])), settings, factor)
 
     @classmethod
     def from_image(cls, image: np.ndarray, settings: PropagationSettings) -> ImageGraph:
@@ -244,7 +331,7 @@ class ImageGraph:
     @property
     def nbytes(self) -> int:
         m = self.laplacian
-        return int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes + self.order.nbytes)
+        return int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes + self.order.nbytes + self.factor.nbytes)
 
     def _small_logits(self, low_res: np.ndarray, transform: ImageTransform) -> np.ndarray:
         """The model's (256, 256) letterboxed logits resampled onto the working grid."""
@@ -269,8 +356,27 @@ class ImageGraph:
             cv2.circle(pins, centre, radius, int(label), -1)
         return pins
 
+    def solve(self, weight: np.ndarray, rhs: np.ndarray, solver: str = "ldl") -> np.ndarray:
+        """``(L + diag(weight))^-1 rhs`` in natural pixel order.
+
+        "ldl" refactors the per-image analysed LDL^T; "superlu" is the earlier per-click SuperLU
+        solve in nested-dissection order, kept as the reference the LDL^T answers are checked
+        against.
+        """
+        if solver == "ldl":
+            return self.factor.solve(weight, rhs)
+        if solver != "superlu":
+            raise InvalidInputError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+        order = self.order
+        system = (self.laplacian + sp.diags(weight[order])).tocsc()
+        lu = splu(system, permc_spec="NATURAL", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+        x = np.empty_like(weight)
+        x[order] = lu.solve(rhs[order])
+        return x
+
     def probability_change(
-        self, low_res: np.ndarray, transform: ImageTransform, points: np.ndarray, labels: np.ndarray
+        self, low_res: np.ndarray, transform: ImageTransform, points: np.ndarray, labels: np.ndarray,
+        solver: str = "ldl",
     ) -> tuple[np.ndarray, np.ndarray]:
         """(walker probability, model probability) on the working grid, both (hs, ws) float32."""
         s = self.settings
@@ -281,12 +387,7 @@ class ImageGraph:
         pinned = pins >= 0
         weight[pinned] = PIN_WEIGHT
         target[pinned] = pins[pinned]
-        order = self.order
-        system = (self.laplacian + sp.diags(weight[order])).tocsc()
-        solver = splu(system, permc_spec="NATURAL", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
-        x = np.empty_like(weight)
-        x[order] = solver.solve((weight * target)[order])
-        x = np.clip(x, 0.0, 1.0)
+        x = np.clip(self.solve(weight, weight * target, solver), 0.0, 1.0)
         hs, ws = self.small_hw
         return x.reshape(hs, ws).astype(np.float32), prior.reshape(hs, ws).astype(np.float32)
 
@@ -297,12 +398,13 @@ class ImageGraph:
         points: np.ndarray,
         labels: np.ndarray,
         full_logits: np.ndarray | None = None,
+        solver: str = "ldl",
     ) -> np.ndarray:
         """The propagated mask, (H, W) bool: model probability + upsampled walker change >= 0.5."""
         h, w = self.full_hw
         if full_logits is None:
             full_logits = transform.logits_to_original(low_res, (h, w))
-        walker, prior = self.probability_change(low_res, transform, points, labels)
+        walker, prior = self.probability_change(low_res, transform, points, labels, solver)
         change = cv2.resize(walker - prior, (w, h), interpolation=cv2.INTER_LINEAR)
         return (_probability(np.asarray(full_logits, np.float32), self.settings.temperature) + change) >= 0.5
 

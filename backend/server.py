@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -53,7 +54,14 @@ from histosam.backend.image_sources import (
     make_region,
     read_region,
 )
-from histosam.backend.models import LoadedModel, ModelStore, default_bundle_path, discover_bundles
+from histosam.backend.models import (
+    ENCODER_NICENESS,
+    LoadedModel,
+    ModelStore,
+    default_bundle_path,
+    discover_bundles,
+)
+from histosam.backend.onnx_predictor import lower_thread_priority
 from histosam.backend.propagation import (
     SERVED_DEFAULT,
     ImageGraph,
@@ -148,6 +156,12 @@ class ServerSettings:
     # CPU: ~300 MB), which the embedding cache budget does not cover: 8 clients opening at once
     # took the server from 0.2 to 3 GB. Others wait their turn (their clicks do not).
     max_concurrent_encodes: int = 2
+    # Clicks computed at once (decoder + edge snapping or propagation), across sessions; more
+    # wait their turn. 0: one per CPU core. A click is one thread of work (the served decoder
+    # runs on one onnxruntime thread), so more at once only time-slices the same cores.
+    max_concurrent_clicks: int = 0
+    # onnxruntime intra-op threads per session; None: the decoder gets 1 (see max_concurrent_clicks)
+    # and the encoder onnxruntime's choice (all cores, at lower priority than clicks).
     ort_threads: int | None = None
     prefer_gpu: bool = True
     # Embeddings and the sessions' prompt histories together (GetServerInfo: cache_used_bytes +
@@ -170,7 +184,7 @@ class ServerSettings:
     propagation_config: Path | None = None
     # Edge snapping (backend/edge_snap.py): the model's mask edge moved onto the image's colour
     # edge within a thin band. "model" (default): for the models whose bundle asks for it (the
-    # shipped default: GlaS NoF@90 13 -> 10 of 22, NoC@85 9.09 -> 8.91; ~2.5x the decoder's
+    # shipped default: GlaS NoF@90 13 -> 10 of 22, NoC@85 9.09 -> 8.91; ~2.2x the decoder's
     # per-click time on one CPU thread); "on": every model; "off": none (fastest, and the
     # model's raw masks). Applies to the model's masks, not to propagated ones (the walker
     # already follows colour edges). Settings from ``edge_snap_config``, else edge_snap.yaml.
@@ -181,6 +195,8 @@ class ServerSettings:
         for name in ("threads", "max_concurrent_rpcs", "max_concurrent_encodes", "cache_bytes", "max_sessions", "max_pixels", "max_message_bytes", "max_points"):
             if int(getattr(self, name)) <= 0:
                 raise InvalidInputError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if int(self.max_concurrent_clicks) < 0:
+            raise InvalidInputError(f"max-concurrent-clicks must be 0 (one per core) or positive, got {self.max_concurrent_clicks}")
         if not (0 <= self.port <= 65535):
             raise InvalidInputError(f"port must be 0-65535, got {self.port}")
         if not (self.session_idle_seconds > 0 and math.isfinite(self.session_idle_seconds)):
@@ -237,7 +253,7 @@ def _coerce(key: str, value: Any) -> Any:
         return tuple(Path(v) for v in items)
     if key in ("models_dir", "token_file", "tls_cert", "tls_key", "propagation_config", "edge_snap_config"):
         return Path(value)
-    if key in ("port", "threads", "max_concurrent_rpcs", "max_concurrent_encodes", "ort_threads", "cache_bytes", "max_sessions", "max_pixels",
+    if key in ("port", "threads", "max_concurrent_rpcs", "max_concurrent_encodes", "max_concurrent_clicks", "ort_threads", "cache_bytes", "max_sessions", "max_pixels",
                "max_message_bytes", "max_points"):
         try:
             return int(value)
@@ -263,6 +279,16 @@ def _coerce(key: str, value: Any) -> Any:
             raise InvalidInputError(f"setting {key} must be true or false, got {value!r}")
         return value
     return value if value is None else str(value)
+
+
+def click_concurrency(settings: ServerSettings) -> int:
+    """Clicks computed at once: ``max_concurrent_clicks``, or the CPU cores this process may use."""
+    if settings.max_concurrent_clicks > 0:
+        return int(settings.max_concurrent_clicks)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 # --------------------------------------------------------------------------- service
@@ -345,6 +371,13 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         # Mask prompts decoded or rasterised at once (a full-size mask each, up to max_pixels):
         # as many as encodes, so clicks of many sessions cannot add them up without bound.
         self._prompt_slots = threading.BoundedSemaphore(settings.max_concurrent_encodes)
+        # Encodes run on their own threads, at lower priority than the RPC threads that compute
+        # clicks (the encoder's intra-op threads are lowered too: models.ENCODER_NICENESS), so an
+        # encode takes the CPU that clicks leave instead of stalling them for its whole duration.
+        self._encoders = futures.ThreadPoolExecutor(
+            max_workers=settings.max_concurrent_encodes, thread_name_prefix="histosam-encode",
+            initializer=lower_thread_priority, initargs=(ENCODER_NICENESS,))
+        self._click_slots = threading.BoundedSemaphore(click_concurrency(settings))
         self.token_required = token_required
         # Loaded (and checked) even when off by default: any click may ask for propagation.
         self.propagation = PropagationSettings.load(settings.propagation_config)
@@ -474,7 +507,11 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
     def _encode_in_turn(self, model: LoadedModel, pixels: Callable[[], np.ndarray],
                         cancelled: Callable[[], bool] = never_cancelled) -> Embedding:
         with _slot(self._encode_slots, cancelled, "the image open"):  # bounds the decode + encoder working memory
-            return self._encode(model, pixels)
+            return self._encoders.submit(self._encode, model, pixels).result()
+
+    def close(self) -> None:
+        """Stop the encoder threads (the server is stopping)."""
+        self._encoders.shutdown(wait=False, cancel_futures=True)
 
     def _encode(self, model: LoadedModel, pixels: Callable[[], np.ndarray]) -> Embedding:
         t0 = time.perf_counter()
@@ -529,8 +566,9 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
             return embedding.graph
         if embedding.working_image is None:  # pragma: no cover - every _encode keeps one
             raise InvalidInputError("this image was opened without the copy click propagation needs")
-        # ~20 ms at 160 px: rebuilt per click rather than held per session (1.8 MB each)
-        return ImageGraph.from_working_image(embedding.working_image, embedding.hw, settings)
+        # ~20 ms at 160 px: rebuilt per click rather than held per session (1.8 MB each, and the
+        # factor's ~10 MB); its one solve orders, analyses and factors at once.
+        return ImageGraph.from_working_image(embedding.working_image, embedding.hw, settings, analyse=False)
 
     def _prompt(self, request: pb.ClickRequest, session: Session,
                 cancelled: Callable[[], bool] = never_cancelled) -> Prompt:
@@ -668,17 +706,18 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         def judge(point, label, low_res) -> bool:
             return click_ignored(low_res, model.transform, hw, point, label)
 
-        with session.lock:
-            result, seconds, steps = session.resolve(prompt, decode, judge, cancelled)
-        propagate = mode == "on" or (
-            mode == "auto" and self._auto_propagates(prompt, session, decode, judge, result, cancelled))
-        if propagate:
-            graph = self._graph(embedding, self.propagation)
-            mask = graph.refine(result.low_res, model.transform, prompt.points, prompt.labels)
-        else:
-            mask = model.transform.mask_from_logits(result.low_res, hw)
-            if embedding.snap_lab is not None:  # kept only where this server snaps this model's edges
-                mask = snap_mask(embedding.snap_lab, mask, prompt.points, prompt.labels, self.edge_snap)
+        with self._click_slots:  # clicks of all sessions share the cores (max_concurrent_clicks)
+            with session.lock:
+                result, seconds, steps = session.resolve(prompt, decode, judge, cancelled)
+            propagate = mode == "on" or (
+                mode == "auto" and self._auto_propagates(prompt, session, decode, judge, result, cancelled))
+            if propagate:
+                graph = self._graph(embedding, self.propagation)
+                mask = graph.refine(result.low_res, model.transform, prompt.points, prompt.labels)
+            else:
+                mask = model.transform.mask_from_logits(result.low_res, hw)
+                if embedding.snap_lab is not None:  # kept only where this server snaps this model's edges
+                    mask = snap_mask(embedding.snap_lab, mask, prompt.points, prompt.labels, self.edge_snap)
         if cancelled():
             raise CancelledError("the click was cancelled before its polygons were traced")
         frame = session.frame
@@ -878,7 +917,8 @@ class SegmentationServer:
         self._server, self.port = server, port
         try:
             if self.models is None:
-                self.models = ModelStore.load(s.bundle_paths(), s.default_model, s.prefer_gpu, s.ort_threads)
+                self.models = ModelStore.load(s.bundle_paths(), s.default_model, s.prefer_gpu, s.ort_threads,
+                                              serving=True)
         except BaseException:
             self._server.stop(0).wait()
             self._server = None
@@ -909,6 +949,8 @@ class SegmentationServer:
             self._health.enter_graceful_shutdown()
         self._server.stop(self.settings.grace_seconds if grace is None else grace).wait()
         self._server = None
+        if self.servicer is not None:
+            self.servicer.close()
         log.info("histosam server on port %s stopped", self.port)
 
     def wait(self, timeout: float | None = None) -> bool:

@@ -42,8 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="calls admitted at once, running or queued (default 32); more get RESOURCE_EXHAUSTED")
     p.add_argument("--max-concurrent-encodes", type=int, default=S, metavar="N",
                    help="image encodes running at once (default 2): bounds the encoder's working memory")
+    p.add_argument("--max-concurrent-clicks", type=int, default=S, metavar="N",
+                   help="clicks computed at once across sessions (default 0: one per CPU core); more wait their turn")
     p.add_argument("--ort-threads", type=int, default=S, metavar="N",
-                   help="onnxruntime intra-op threads per session (default: onnxruntime's choice)")
+                   help="onnxruntime intra-op threads per session (default: 1 for the decoder, onnxruntime's "
+                   "choice for the encoder)")
     p.add_argument("--cpu", dest="prefer_gpu", action="store_false", default=S,
                    help="use the CPU provider even when CUDA is available")
     p.add_argument("--cache-bytes", type=int, default=S, metavar="N",
@@ -69,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--edge-snap", nargs="?", const="on", choices=("model", "on", "off"), default=S,
                    help="snap mask edges onto the image's colour edges: for the models whose bundle asks for it "
                    "(model, the default: the shipped default model), for every model (on; a bare --edge-snap), or "
-                   "never (off: the model's raw masks, ~2.5x faster per click on a CPU)")
+                   "never (off: the model's raw masks, ~2.2x faster per click on a CPU)")
     p.add_argument("--edge-snap-config", type=Path, default=S, metavar="F",
                    help="YAML of edge-snap settings (default: the shipped edge_snap.yaml)")
     p.add_argument("--log-level", default=S, choices=LOG_LEVELS,
@@ -80,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 SETTING_FLAGS = (
     "host", "port", "models", "default_model", "slide_root", "token_file", "tls_cert", "tls_key", "threads",
-    "max_concurrent_rpcs", "max_concurrent_encodes", "ort_threads", "prefer_gpu", "cache_bytes", "session_idle_seconds", "max_sessions", "max_pixels",
+    "max_concurrent_rpcs", "max_concurrent_encodes", "max_concurrent_clicks", "ort_threads", "prefer_gpu", "cache_bytes", "session_idle_seconds", "max_sessions", "max_pixels",
     "max_message_bytes", "max_points", "grace_seconds", "propagation", "propagation_config",
     "edge_snap", "edge_snap_config",
 )
