@@ -106,8 +106,10 @@ class Frame:
         return (self.origin_x, self.origin_y)
 
     def to_pixels(self, xy: np.ndarray) -> np.ndarray:
-        """(..., 2) client x,y -> image pixel x,y."""
-        return (np.asarray(xy, np.float64) - (self.origin_x, self.origin_y)) / self.downsample
+        """(..., 2) client x,y -> image pixel x,y (inf where a huge coordinate overflows: callers
+        check finiteness and answer that as outside the image)."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            return (np.asarray(xy, np.float64) - (self.origin_x, self.origin_y)) / self.downsample
 
     def check_extent(self, width: int, height: int) -> None:
         """Refuse a frame whose image corners have no finite client coordinates.
