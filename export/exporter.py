@@ -18,11 +18,12 @@ import torch
 
 from histosam.backend import __version__
 from histosam.backend.bundle import MANIFEST, write_manifest
+from histosam.backend.catalog import check_recorded_weights, decoder_weights_sha256
 from histosam.backend.errors import HistosamError, ParityError
 from histosam.backend.report import mkdtemp_umask
 from histosam.export.onnx_graphs import DECODER_OUTPUTS, DecoderGraph, EncoderGraph
 from histosam.training.models.loading import load_model_from_source
-from histosam.training.models.registry import file_sha256, source_sha256
+from histosam.training.models.registry import source_sha256
 from histosam.training.models.sam_model import HistoSam
 
 DEFAULT_OPSET = 17
@@ -139,6 +140,7 @@ def export_bundle(
     from histosam.export.parity import check_parity
 
     out = Path(out)
+    check_recorded_weights(source)  # the cache key trusts the recorded sha256s
     model = model if model is not None else load_model_from_source(source)
     out.parent.mkdir(parents=True, exist_ok=True)
     # The folder gets the mode mkdir() gives (not mkdtemp's 0o700): a service account must read it.
@@ -169,7 +171,7 @@ def export_bundle(
                 "checkpoint": str(source["checkpoint"]) if source.get("checkpoint") else None,
                 "decoder_weights": str(source["decoder_weights"]) if source.get("decoder_weights") else None,
                 "weights_sha256": source_sha256(spec.name, source.get("checkpoint")),
-                "decoder_weights_sha256": file_sha256(Path(source["decoder_weights"])) if source.get("decoder_weights") else None,
+                "decoder_weights_sha256": decoder_weights_sha256(source),
             },
         }
         write_manifest(tmp, manifest)  # files' sha256 first, so parity runs on a verifiable bundle
