@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import sys
 import time
@@ -253,7 +252,9 @@ def run_bench(args: argparse.Namespace) -> int:
     _print_table(result)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        from histosam.backend.atomic import write_json
+
+        write_json(args.out, result, indent=2)
         print(f"wrote {args.out}")
     return 0
 

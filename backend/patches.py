@@ -30,7 +30,6 @@ import csv
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -42,6 +41,7 @@ import cv2
 import numpy as np
 
 from histosam.backend.annotations import AnnotationSource, load_annotations
+from histosam.backend.atomic import atomic_write, replace_dir, write_text
 from histosam.backend.errors import InvalidInputError, NotFoundError
 from histosam.backend.slides import ScaleRequest, Slide
 
@@ -249,16 +249,15 @@ def _fmt(v: float | None, digits: int = 6) -> str:
 
 def _write_png(path: Path, image: np.ndarray) -> None:
     """PNG written beside its name then renamed: a crash never leaves a truncated file."""
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    if not cv2.imwrite(str(tmp), image):
-        raise OSError(f"cannot write {tmp}")
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        if not cv2.imwrite(str(tmp), image):
+            raise OSError(f"cannot write {path}")
+
+    atomic_write(path, write)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def _read_journal(path: Path, repair: bool = False) -> dict[str, dict[str, str]]:
@@ -510,27 +509,26 @@ def _finalise(
         for f in (stage / sub).iterdir():
             if f.name.startswith(".") or f.stem not in kept:
                 f.unlink()
-    tmp = stage / f".{MANIFEST_FILE}.tmp"
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(MANIFEST_COLUMNS)
-        for r in kept_rows:
-            writer.writerow([r["stem"], slide_name, *(r[c] for c in MANIFEST_COLUMNS[2:])])
-    os.replace(tmp, stage / MANIFEST_FILE)
+    def write_manifest(tmp: Path) -> None:
+        with tmp.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(MANIFEST_COLUMNS)
+            for r in kept_rows:
+                writer.writerow([r["stem"], slide_name, *(r[c] for c in MANIFEST_COLUMNS[2:])])
+
+    atomic_write(stage / MANIFEST_FILE, write_manifest)
     if tissue is not None:
         _write_overview(stage / OVERVIEW_FILE, tissue, kept_rows, extent)
     (stage / JOURNAL_FILE).unlink()
     if out.exists():  # an empty folder the user made; rename() cannot replace it
         out.rmdir()
-    os.replace(stage, out)
+    replace_dir(stage, out)
 
 
 def _write_overview(path: Path, tissue: TissueMask, rows: Sequence[dict[str, str]], extent: float) -> None:
     """Thumbnail, tissue outline (blue) and kept patches coloured by mask fraction."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure  # not pyplot: the caller's backend stays as it was
     from matplotlib.patches import Rectangle
 
     h, w = tissue.mask.shape
@@ -540,10 +538,11 @@ def _write_overview(path: Path, tissue: TissueMask, rows: Sequence[dict[str, str
     tissue_small = cv2.resize(tissue.mask.astype(np.float32), size, interpolation=cv2.INTER_AREA)
     d = tissue.downsample * w / size[0]
     fig_w = 8.0
-    fig, ax = plt.subplots(figsize=(fig_w, max(2.0, min(24.0, fig_w * h / w))), dpi=100)
+    fig = Figure(figsize=(fig_w, max(2.0, min(24.0, fig_w * h / w))), dpi=100)
+    ax = fig.subplots()
     ax.imshow(thumb)
     ax.contour(tissue_small, levels=[0.5], colors="tab:blue", linewidths=0.6)
-    cmap = plt.get_cmap("viridis")
+    cmap = colormaps["viridis"]
     for r in rows:
         frac = float(r["tumour_fraction"])
         ax.add_patch(Rectangle((int(r["x"]) / d, int(r["y"]) / d), extent / d, extent / d,
@@ -551,8 +550,7 @@ def _write_overview(path: Path, tissue: TissueMask, rows: Sequence[dict[str, str
     ax.set_title(f"{len(rows)} patches (colour: mask fraction), tissue threshold S>{tissue.threshold:g}", fontsize=9)
     ax.set_axis_off()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def discard_staging(out: Path) -> None:

@@ -162,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _click(client, session, args: argparse.Namespace) -> dict[str, Any]:
+    from histosam.backend.atomic import write_bytes, write_text
     from histosam.backend.errors import NotFoundError
     from histosam.backend.geometry import annotation_feature, feature_collection
 
@@ -179,11 +180,11 @@ def _click(client, session, args: argparse.Namespace) -> dict[str, Any]:
                           propagation=args.propagation)
     round_trip = time.perf_counter() - started  # what the user waits: decode + snapping/propagation + wire
     if args.mask_out is not None:
-        args.mask_out.write_bytes(result.mask_png)
+        write_bytes(args.mask_out, result.mask_png)
     if args.geojson_out is not None:
         features = [annotation_feature(result.polygons, measurements={"predicted IoU": result.predicted_iou})] \
             if result.polygons else []
-        args.geojson_out.write_text(json.dumps(feature_collection(features)))
+        write_text(args.geojson_out, json.dumps(feature_collection(features)))
     return {
         "session_id": session.session_id,
         "predicted_iou": result.predicted_iou,
