@@ -114,11 +114,17 @@ def atomic_write(path: Path, write: Callable[[Path], None], *, durable: bool = F
 
 
 def write_text(path: Path, text: str, *, durable: bool = False) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), durable=durable)
+    def write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+
+    atomic_write(path, write, durable=durable)
 
 
 def write_bytes(path: Path, data: bytes, *, durable: bool = False) -> None:
-    atomic_write(path, lambda tmp: tmp.write_bytes(data), durable=durable)
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+
+    atomic_write(path, write, durable=durable)
 
 
 def write_json(path: Path, data: Any, *, indent: int = 1, durable: bool = False) -> None:

@@ -95,10 +95,10 @@ def run_bench(args: argparse.Namespace) -> int:
     import grpc
     from tqdm import tqdm
 
-    from histosam.backend.commands import default_bundle
     from histosam.backend.edge_snap import snap_mask
     from histosam.backend.geometry import mask_to_polygons
     from histosam.backend.server import DEFAULT_MIN_AREA, SegmentationServer, ServerSettings
+    from histosam.export.cache import default_bundle
     from histosam.v1 import segmentation_pb2 as pb
     from histosam.v1 import segmentation_pb2_grpc as pb_grpc
 

@@ -8,7 +8,7 @@ the server at start instead of serving wrong masks.
 The default model needs no flag: ``histosam export`` / ``ensure_bundle("default")`` caches its
 bundle under ``$HISTOSAM_HOME/bundles`` (or ``$XDG_CACHE_HOME/histosam/bundles``), and the
 server reads it from there *without torch*. When the cache holds none, ``histosam serve``
-exports one before it builds the server (histosam.backend.commands.default_bundle; needs the
+exports one before it builds the server (histosam.export.cache.default_bundle; needs the
 ``torch`` extra); this module never imports the exporter.
 """
 

@@ -15,7 +15,6 @@ that reads as one (YAML 1.1 reads ``1e-4`` as text); paths are text; flags are `
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -148,9 +147,14 @@ OptPair = Annotated[tuple[float, float] | None, Strict(), optional(_pair)]
 Pair = Annotated[tuple[float, float], Strict(), required(_pair)]
 
 
-@functools.cache
+_ADAPTERS: dict[type, TypeAdapter[Any]] = {}
+
+
 def _adapter(cls: type) -> TypeAdapter[Any]:
-    return TypeAdapter(cls)
+    """The validator of a settings class, built once (building one costs milliseconds)."""
+    if cls not in _ADAPTERS:
+        _ADAPTERS[cls] = TypeAdapter(cls)
+    return _ADAPTERS[cls]
 
 
 def parse_settings(cls: type[T], data: Mapping[str, Any], kind: str) -> T:

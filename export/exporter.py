@@ -7,6 +7,7 @@ measured before the rename; an fp32 export that misses the tolerance is refused.
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from pathlib import Path
@@ -110,10 +111,10 @@ def quantize_bundle(out: Path, mode: str) -> None:
             continue
         if mode not in ("int8", "fp16"):
             raise HistosamError(f"unknown quantisation {mode!r}; use int8 or fp16")
-        atomic_write(path, lambda tmp, source=path: _quantize(source, tmp, mode))
+        atomic_write(path, functools.partial(_quantize, path, mode=mode))
 
 
-def _quantize(source: Path, target: Path, mode: str) -> None:
+def _quantize(source: Path, target: Path, *, mode: str) -> None:
     if mode == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 

@@ -151,8 +151,8 @@ def run(args: argparse.Namespace) -> int:
 def _serve(settings) -> int:
     import dataclasses
 
-    from histosam.backend.commands import default_bundle
     from histosam.backend.server import SegmentationServer
+    from histosam.export.cache import default_bundle
 
     if not settings.bundles and settings.models_dir is None:  # exported here, never by the server
         settings = dataclasses.replace(settings, bundles=(default_bundle(),))
