@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from histosam.backend.atomic import is_temporary, write_text
-from histosam.backend.catalog import sha256_file
+from histosam.backend.catalog import BUNDLE_FORMAT, sha256_file
 from histosam.backend.errors import BundleError
 from histosam.backend.transforms import ImageTransform
 
 MANIFEST = "manifest.json"
-FORMAT = "histosam-bundle/1"
+FORMAT = BUNDLE_FORMAT
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:

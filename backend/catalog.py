@@ -20,7 +20,7 @@ from typing import Any
 from histosam.backend import __version__
 from histosam.backend.errors import CheckpointError, NotFoundError
 
-BUNDLE_FORMAT = "histosam-bundle/1"
+BUNDLE_FORMAT = "histosam-bundle/1"  # the one copy: bundle.py checks it, the exporter writes it
 
 # Models the registry (histosam.training.models.registry) can build.
 BASE_MODELS: tuple[str, ...] = ("lite_medsam", "mobile_sam", "vit_b", "vit_l", "vit_h", "tiny_sam")

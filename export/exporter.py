@@ -18,7 +18,7 @@ import torch
 from histosam.backend import __version__
 from histosam.backend.atomic import atomic_write, staged_dir
 from histosam.backend.bundle import MANIFEST, write_manifest
-from histosam.backend.catalog import check_recorded_weights, decoder_weights_sha256
+from histosam.backend.catalog import BUNDLE_FORMAT, check_recorded_weights, decoder_weights_sha256
 from histosam.backend.errors import HistosamError, ParityError
 from histosam.export.onnx_graphs import DECODER_OUTPUTS, DecoderGraph, EncoderGraph
 from histosam.training.models.loading import load_model_from_source
@@ -150,7 +150,7 @@ def export_bundle(
             quantize_bundle(tmp, quantize)
         spec = model.spec
         manifest: dict[str, Any] = {
-            "format": "histosam-bundle/1",
+            "format": BUNDLE_FORMAT,
             "model": source.get("name") or spec.name,
             "base_model": spec.name,
             "histosam_version": __version__,

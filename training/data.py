@@ -106,7 +106,7 @@ def make_sample(patch: Patch, variant: int, transform: ImageTransform, model_sha
     return Sample(x, gt, valid, key)
 
 
-class EmbeddingCache:
+class EncoderFeatureCache:
     """Frozen-encoder embeddings on disk with an in-memory copy, keyed by signature.
 
     fp16 by default (half the disk and memory; training noise dwarfs the rounding); fp32 for

@@ -45,7 +45,7 @@ from histosam.backend.evaluation import (
 from histosam.training.click_simulation import ClickState, box_of, prompt_batch
 from histosam.training.config import TrainConfig, resolve_data_path, resolve_repo_path
 from histosam.training.data import (
-    EmbeddingCache,
+    EncoderFeatureCache,
     Patch,
     Sample,
     atomic_torch_save,
@@ -147,7 +147,7 @@ class CachedTorchPredictor(TorchPredictor):
     time. Decoding (and any trainable encoder-side stem) is the live model's.
     """
 
-    def __init__(self, model: HistoSam, cache: EmbeddingCache, model_sha: str) -> None:
+    def __init__(self, model: HistoSam, cache: EncoderFeatureCache, model_sha: str) -> None:
         super().__init__(model)
         self.cache = cache
         self.model_sha = model_sha
@@ -229,7 +229,7 @@ class Trainer:
                 h.update(v.detach().cpu().numpy().tobytes())
             base_sha = h.hexdigest()
         self.model_sha = base_sha
-        self.cache = EmbeddingCache(Path(cache_dir or cfg.cache_dir or default_cache_root()))
+        self.cache = EncoderFeatureCache(Path(cache_dir or cfg.cache_dir or default_cache_root()))
         train_recs, held_recs = split_records(cfg)
         self.patches: list[Patch] = load_patches(train_recs, cfg)
         if not self.patches:

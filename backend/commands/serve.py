@@ -82,7 +82,7 @@ SETTING_FLAGS = (
 )
 
 
-def load_config(path: Path) -> dict[str, Any]:
+def read_config(path: Path) -> dict[str, Any]:
     """The settings in a ``--config`` file, paths made relative to the file; their values are
     checked by ServerSettings (the one settings loader), every mistake in one line."""
     from histosam.backend.errors import InvalidInputError
@@ -114,7 +114,7 @@ def settings_from_args(args: argparse.Namespace):
 
     merged: dict[str, Any] = {}
     if getattr(args, "config", None) is not None:
-        merged.update(load_config(args.config))
+        merged.update(read_config(args.config))
     for flag in SETTING_FLAGS:
         if hasattr(args, flag):
             merged[flag] = getattr(args, flag)
