@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from histosam.backend.atomic import atomic_write, write_json
+
 LISTENING = re.compile(r"listening on (\S+)")
 
 
@@ -368,19 +370,14 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: Path, result: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, result, indent=2)
 
 
 def _plot(path: Path, logs: list[ClientLog], t0: float, rss: list[tuple[float, int]], r: dict[str, Any]) -> Path:
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: the caller's backend stays as it was
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
+    fig = Figure(figsize=(9, 6.5))
+    ax1, ax2 = fig.subplots(2, 1, sharex=True)
     for i, log in enumerate(logs):
         ax1.plot(np.asarray(log.finished_at) - t0, np.asarray(log.latencies) * 1000, ".", ms=3, label=f"client {i}")
     ax1.set_ylabel("click latency (ms)")
@@ -397,10 +394,7 @@ def _plot(path: Path, logs: list[ClientLog], t0: float, rss: list[tuple[float, i
     ax2.set_xlabel("seconds since the click phase started")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     return path
 
 

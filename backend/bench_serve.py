@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import sys
 import time
@@ -98,12 +97,12 @@ def run_bench(args: argparse.Namespace) -> int:
 
     from histosam.backend.edge_snap import snap_mask
     from histosam.backend.geometry import mask_to_polygons
-    from histosam.backend.models import default_bundle_path
     from histosam.backend.server import DEFAULT_MIN_AREA, SegmentationServer, ServerSettings
+    from histosam.export.cache import default_bundle
     from histosam.v1 import segmentation_pb2 as pb
     from histosam.v1 import segmentation_pb2_grpc as pb_grpc
 
-    bundle = args.bundle or default_bundle_path()
+    bundle = args.bundle or default_bundle()
     if args.image is not None:
         from histosam.backend.errors import InvalidInputError
 
@@ -253,7 +252,9 @@ def run_bench(args: argparse.Namespace) -> int:
     _print_table(result)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        from histosam.backend.atomic import write_json
+
+        write_json(args.out, result, indent=2)
         print(f"wrote {args.out}")
     return 0
 

@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from histosam.backend.catalog import sha256_file
+from histosam.backend.atomic import is_temporary, write_text
+from histosam.backend.catalog import BUNDLE_FORMAT, sha256_file
 from histosam.backend.errors import BundleError
-from histosam.backend.report import mkstemp_umask
 from histosam.backend.transforms import ImageTransform
 
 MANIFEST = "manifest.json"
-FORMAT = "histosam-bundle/1"
+FORMAT = BUNDLE_FORMAT
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
@@ -29,13 +28,9 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     manifest["files"] = {
         p.relative_to(folder).as_posix(): sha256_file(p)
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp")
+        if p.is_file() and p.name != MANIFEST and not is_temporary(p)
     }
-    fd, tmp = mkstemp_umask(folder, suffix=".tmp")  # mode as open() gives, not 0o600
-    with os.fdopen(fd, "w") as handle:
-        json.dump(manifest, handle, indent=2, sort_keys=False)
-        handle.write("\n")
-    os.replace(tmp, folder / MANIFEST)
+    write_text(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n", durable=True)
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,7 @@ def polygon_messages(polygons: Iterable[PolygonXY]) -> list[pb.Polygon]:
     ]
 
 
-def decode_mask_png(data: bytes) -> np.ndarray:
+def png_to_mask(data: bytes) -> np.ndarray:
     """The server's mask PNG -> (H, W) bool."""
     from PIL import Image
 
@@ -199,7 +199,7 @@ class ClickResult:
     @property
     def mask(self) -> np.ndarray | None:
         """(H, W) bool image-pixel mask, when the click asked for it."""
-        return decode_mask_png(self.mask_png) if self.mask_png else None
+        return png_to_mask(self.mask_png) if self.mask_png else None
 
 
 class ImageSession:

@@ -49,7 +49,7 @@ from scipy.sparse.linalg import spsolve
 
 from histosam.backend.errors import InvalidInputError
 from histosam.backend.predictor import Prediction, Predictor
-from histosam.backend.settings_file import SettingsFile
+from histosam.backend.settings_file import Number, SettingsFile, Whole
 from histosam.backend.transforms import LOW_RES, validate_rgb
 
 DEFAULT_CONFIG = Path(__file__).with_name("edge_snap.yaml")
@@ -62,14 +62,13 @@ class EdgeSnapSettings(SettingsFile):
 
     WHAT: ClassVar[str] = "edge-snap"
     DEFAULT_CONFIG: ClassVar[Path] = DEFAULT_CONFIG
-    INT_FIELDS: ClassVar[tuple[str, ...]] = ("working_side",)
     ZERO_ALLOWED: ClassVar[tuple[str, ...]] = ("smoothing",)
 
-    band: float = 3.0  # half-width of the re-decided band around the model's edge, low-res pixels
-    beta: float = 5.0  # colour-edge contrast (larger: the edge follows strong colour changes only)
-    smoothing: float = 1.5  # Gaussian sigma on the working copy, working pixels (0: none): nuclei are not edges
-    working_side: int = 384  # longest side of the copy the walker runs on, pixels
-    click_radius: float = 5.0  # pinned disk around each click, full-resolution pixels
+    band: Number = 3.0  # half-width of the re-decided band around the model's edge, low-res pixels
+    beta: Number = 5.0  # colour-edge contrast (larger: the edge follows strong colour changes only)
+    smoothing: Number = 1.5  # Gaussian sigma on the working copy, working pixels (0: none): nuclei are not edges
+    working_side: Whole = 384  # longest side of the copy the walker runs on, pixels
+    click_radius: Number = 5.0  # pinned disk around each click, full-resolution pixels
 
     def __post_init__(self) -> None:
         self.check_positive()

@@ -43,10 +43,10 @@ from histosam.backend.metrics import (
     obedience,
     threshold_key,
 )
+from histosam.backend.patches import load_patch_dataset
 from histosam.backend.predictor import Predictor
 from histosam.backend.splits import DatasetSplit, check_part, in_part, load_splits
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 PARITY_FLAG_FRACTION = 0.02  # more samples than this with a different NoC flags the bundle
 
 
@@ -113,14 +113,6 @@ class EvalSample:
         return self.image(mask.shape), mask
 
 
-def _files_by_stem(folder: Path) -> dict[str, Path]:
-    return {
-        p.stem: p
-        for p in sorted(folder.iterdir())
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    }
-
-
 def read_mask(path: Path) -> np.ndarray:
     """A mask file as bool (foreground: grey level > 127)."""
     grey = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
@@ -129,45 +121,17 @@ def read_mask(path: Path) -> np.ndarray:
     return grey > 127
 
 
-def load_image_mask_folder(folder: Path) -> list[EvalSample]:
-    """Pairs from ``folder/images`` and ``folder/masks`` that share a file stem.
-
-    Images without a mask (or masks without an image) are an error: silently evaluating a
-    subset would misreport ``n_total``.
-    """
-    images = _files_by_stem(folder / "images")
-    masks = _files_by_stem(folder / "masks")
-    unpaired = sorted(set(images) ^ set(masks))
-    if unpaired:
-        raise InvalidInputError(
-            f"{folder}: {len(unpaired)} file(s) without a partner in images/ and masks/, "
-            f"e.g. {unpaired[0]!r}"
-        )
-    if not images:
-        raise InvalidInputError(f"{folder}: images/ and masks/ hold no image files")
-    return [
-        EvalSample(name=stem, dataset=folder.resolve().name, mask_path=masks[stem], image_path=images[stem])
-        for stem in sorted(images)
-    ]
-
-
 def load_samples(folder: str | Path) -> list[EvalSample]:
     """Samples of one data folder: ``images/`` + ``masks/`` sharing stems.
 
-    Uses the whole-slide pipeline's reader (``histosam.backend.patches.load_patch_dataset``,
-    which also honours its ``manifest.csv`` order) when it is installed, else the plain
-    pairing of ``load_image_mask_folder``. Masks are read once now for their foreground
-    fraction (the filter needs it) and again when evaluated; images only when evaluated.
+    Read by the whole-slide pipeline's reader (``histosam.backend.patches.load_patch_dataset``,
+    which also honours its ``manifest.csv`` order and refuses unpaired files). Masks are read
+    once now for their foreground fraction (the filter needs it) and again when evaluated;
+    images only when evaluated.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise NotFoundError(f"data folder {folder} does not exist")
-    try:
-        from histosam.backend.patches import load_patch_dataset
-    except ImportError:
-        if not ((folder / "images").is_dir() and (folder / "masks").is_dir()):
-            raise InvalidInputError(f"{folder} has no images/ and masks/ folders") from None
-        return load_image_mask_folder(folder)
     records = load_patch_dataset(folder)
     if not records:
         raise InvalidInputError(f"{folder}: the dataset holds no image/mask pairs")

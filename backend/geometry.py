@@ -168,6 +168,91 @@ def _simplify(ring: np.ndarray, tolerance: float) -> np.ndarray:
     return approx.reshape(-1, 2).astype(np.float64)
 
 
+# Simplified polygons with more edges than this are not checked (the pairs of overlapping edges
+# can grow quadratically): the polygon keeps its exact outline instead, which is always valid.
+MAX_CHECKED_EDGES = 20000
+
+
+def _edges_cross(p: np.ndarray, q: np.ndarray, r: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Whether segments p-q and r-t intersect, touching included, pair by pair: (N,) bool."""
+
+    def orient(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+        return np.sign((b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0]))
+
+    def on_segment(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:  # c on a-b, given collinear
+        return ((np.minimum(a[:, 0], b[:, 0]) <= c[:, 0]) & (c[:, 0] <= np.maximum(a[:, 0], b[:, 0]))
+                & (np.minimum(a[:, 1], b[:, 1]) <= c[:, 1]) & (c[:, 1] <= np.maximum(a[:, 1], b[:, 1])))
+
+    o1, o2, o3, o4 = orient(p, q, r), orient(p, q, t), orient(r, t, p), orient(r, t, q)
+    proper = (o1 != o2) & (o3 != o4)
+    return (proper | ((o1 == 0) & on_segment(p, q, r)) | ((o2 == 0) & on_segment(p, q, t))
+            | ((o3 == 0) & on_segment(r, t, p)) | ((o4 == 0) & on_segment(r, t, q)))
+
+
+def _candidate_pairs(a0: np.ndarray, a1: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of edges of one owner whose bounding boxes overlap, by a sweep along x: the exact
+    test then runs on these only, not on every pair. Each owner's edges get an x range of their
+    own (shifted by owner * span), so the sweep never pairs edges of two owners."""
+    lo = np.minimum(a0[:, 0], a1[:, 0])
+    base = lo.min() if len(lo) else 0.0
+    span = float(np.maximum(a0[:, 0], a1[:, 0]).max() - base) + 1.0 if len(lo) else 1.0
+    xmin = lo - base + owner * span
+    xmax = np.maximum(a0[:, 0], a1[:, 0]) - base + owner * span
+    order = np.argsort(xmin, kind="stable")
+    hi = np.searchsorted(xmin[order], xmax[order], side="right")  # sorted edges starting before i ends
+    counts = np.maximum(hi - np.arange(len(order)) - 1, 0)
+    first = np.repeat(np.arange(len(order)), counts)
+    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    i, j = order[first], order[first + 1 + offsets]
+    ymin, ymax = np.minimum(a0[:, 1], a1[:, 1]), np.maximum(a0[:, 1], a1[:, 1])
+    overlap = (ymin[i] <= ymax[j]) & (ymin[j] <= ymax[i])
+    return i[overlap], j[overlap]
+
+
+def _inside(point: np.ndarray, ring: np.ndarray) -> bool:
+    """Even-odd point-in-ring test for a point on no edge of ``ring``."""
+    x, y = point
+    x0, y0 = ring[:, 0], ring[:, 1]
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+    straddles = (y0 > y) != (y1 > y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cross_x = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
+    return bool(np.count_nonzero(straddles & (x < cross_x)) % 2)
+
+
+def valid_polygons(polygons: Sequence[tuple[np.ndarray, Sequence[np.ndarray]]]) -> np.ndarray:
+    """For each (exterior, holes): are the rings simple, does no ring touch another and does
+    every hole lie inside the exterior? What Douglas-Peucker (which simplifies each ring on its
+    own) can break and shapely's ``simplify(preserve_topology=True)`` guarantees. One sweep
+    over the edges of all polygons at once: a mask's many small components cost little."""
+    ok = np.ones(len(polygons), bool)
+    rings = [(k, r) for k, (ext, holes) in enumerate(polygons) for r in (ext, *holes)]
+    if not rings:
+        return ok
+    ok &= np.array([all(len(r) >= 3 for r in (ext, *holes)) for ext, holes in polygons])
+    ok &= np.bincount([k for k, r in rings], [len(r) for _, r in rings], len(polygons)) <= MAX_CHECKED_EDGES
+    a0 = np.concatenate([r for _, r in rings])
+    a1 = np.concatenate([np.roll(r, -1, axis=0) for _, r in rings])
+    owner = np.concatenate([np.full(len(r), k) for k, r in rings])
+    ring_of = np.concatenate([np.full(len(r), n) for n, (_, r) in enumerate(rings)])
+    index = np.concatenate([np.arange(len(r)) for _, r in rings])
+    size = np.concatenate([np.full(len(r), len(r)) for _, r in rings])
+    i, j = _candidate_pairs(a0, a1, owner)
+    gap = np.abs(index[i] - index[j])
+    adjacent = (ring_of[i] == ring_of[j]) & ((gap <= 1) | (gap == size[i] - 1))  # neighbours share a vertex
+    i, j = i[~adjacent], j[~adjacent]
+    ok[owner[i[_edges_cross(a0[i], a1[i], a0[j], a1[j])]]] = False
+    for k, (ext, holes) in enumerate(polygons):
+        if ok[k] and not all(_inside(h[0], ext) for h in holes):
+            ok[k] = False
+    return ok
+
+
+def valid_polygon(exterior: np.ndarray, holes: Sequence[np.ndarray]) -> bool:
+    """``valid_polygons`` for one polygon."""
+    return bool(valid_polygons([(exterior, holes)])[0])
+
+
 def mask_to_polygons(
     mask: np.ndarray,
     origin: tuple[float, float] = (0.0, 0.0),
@@ -233,14 +318,17 @@ def mask_to_polygons(
     kept_holes: dict[int, list[int]] = {}
     for j in np.flatnonzero(is_hole & (areas >= min_area)):
         kept_holes.setdefault(int(parent[j]), []).append(int(j))
-    polygons: list[PolygonXY] = []
-    for i in outers[np.argsort(-net[outers], kind="stable")]:  # largest first
-        exterior = _simplify(ring(i), simplify_tolerance)
-        if len(exterior) < 3:
-            continue
-        holes = [_simplify(ring(j), simplify_tolerance) for j in kept_holes.get(int(i), ())]
-        polygons.append(PolygonXY(exterior, [h for h in holes if len(h) >= 3]).transformed(origin, downsample))
-    return polygons
+    order = outers[np.argsort(-net[outers], kind="stable")]  # largest first
+    exact = [(ring(i), [ring(j) for j in kept_holes.get(int(i), ())]) for i in order]
+    if simplify_tolerance <= 0:
+        return [PolygonXY(ext, holes).transformed(origin, downsample) for ext, holes in exact]
+    simple = [(_simplify(ext, simplify_tolerance), [h for h in (_simplify(r, simplify_tolerance) for r in holes)
+                                                    if len(h) >= 3]) for ext, holes in exact]
+    # Where simplifying broke a polygon (a ring crossing itself or another, a hole outside its
+    # exterior, an exterior of fewer than 3 vertices), it keeps its exact outline instead.
+    valid = valid_polygons(simple)
+    return [PolygonXY(*(simple[k] if valid[k] else exact[k])).transformed(origin, downsample)
+            for k in range(len(exact))]
 
 
 # --------------------------------------------------------------------------- polygons -> mask

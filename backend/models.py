@@ -7,8 +7,9 @@ the server at start instead of serving wrong masks.
 
 The default model needs no flag: ``histosam export`` / ``ensure_bundle("default")`` caches its
 bundle under ``$HISTOSAM_HOME/bundles`` (or ``$XDG_CACHE_HOME/histosam/bundles``), and the
-server reads it from there *without torch*; only when the cache holds none does it import the
-torch-based exporter to build one (which needs the ``torch`` extra).
+server reads it from there *without torch*. When the cache holds none, ``histosam serve``
+exports one before it builds the server (histosam.export.cache.default_bundle; needs the
+``torch`` extra); this module never imports the exporter.
 """
 
 from __future__ import annotations
@@ -33,25 +34,20 @@ from histosam.backend.transforms import ImageTransform
 log = logging.getLogger("histosam.server")
 
 def default_bundle_path(cache_dir: Path | None = None) -> Path:
-    """The default model's bundle: from the cache, else exported now (needs torch).
+    """The default model's cached bundle; BundleError when the cache holds none.
 
-    The cache folder's name is computed torch-free from the default weights' sha256, the
-    histosam version and the bundle format (histosam.backend.catalog), so a server never
-    serves an export of other weights.
+    The cache folder's name is computed torch-free from the default weights' recorded sha256,
+    the histosam version and the bundle format (histosam.backend.catalog), so a server never
+    serves an export of other weights. Exporting one is the ``serve`` command's job (before it
+    builds the server): the serving layer never imports the exporter.
     """
     target = cached_bundle_path("default", cache_dir=cache_dir)
-    if (target / MANIFEST).is_file():
-        return target
-    try:
-        from histosam.export.exporter import ensure_bundle  # imports torch: only when needed
-    except ImportError as exc:  # not installed, or installed but broken (e.g. a missing CUDA library)
-        what = f"{exc.name} is not installed" if isinstance(exc, ModuleNotFoundError) else f"torch cannot be imported ({exc})"
+    if not (target / MANIFEST).is_file():
         raise BundleError(
-            f"no default model bundle at {target} and {what} to export one: "
-            "run `histosam export --out DIR` where the torch extra is installed and serve with --models DIR"
-        ) from None
-    log.info("exporting the default model bundle into %s (first run only)", target)
-    return ensure_bundle("default", cache_dir=cache_dir)
+            f"no default model bundle at {target}: run `histosam export` where the torch extra is installed, "
+            "or serve with --models DIR"
+        )
+    return target
 
 
 def discover_bundles(models_dir: Path) -> list[Path]:

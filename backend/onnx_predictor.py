@@ -153,7 +153,7 @@ class OnnxPredictor:
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, providers: list[str] | None = None,
                     threads: int | None = None) -> OnnxPredictor:
-        return cls(load_bundle(path), providers, threads)
+        return cls(load_bundle(Path(path)), providers, threads)
 
     def set_image(self, image: np.ndarray) -> None:
         image = validate_rgb(image)

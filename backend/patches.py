@@ -30,7 +30,6 @@ import csv
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -42,6 +41,7 @@ import cv2
 import numpy as np
 
 from histosam.backend.annotations import AnnotationSource, load_annotations
+from histosam.backend.atomic import atomic_write, replace_dir, write_text
 from histosam.backend.errors import InvalidInputError, NotFoundError
 from histosam.backend.slides import ScaleRequest, Slide
 
@@ -250,16 +250,15 @@ def _fmt(v: float | None, digits: int = 6) -> str:
 
 def _write_png(path: Path, image: np.ndarray) -> None:
     """PNG written beside its name then renamed: a crash never leaves a truncated file."""
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    if not cv2.imwrite(str(tmp), image):
-        raise OSError(f"cannot write {tmp}")
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        if not cv2.imwrite(str(tmp), image):
+            raise OSError(f"cannot write {path}")
+
+    atomic_write(path, write)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def _read_journal(path: Path, repair: bool = False) -> dict[str, dict[str, str]]:
@@ -553,19 +552,20 @@ def _finalise(
         for f in (stage / sub).iterdir():
             if f.name.startswith(".") or f.stem not in kept:
                 f.unlink()
-    tmp = stage / f".{MANIFEST_FILE}.tmp"
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(MANIFEST_COLUMNS)
-        for r in kept_rows:
-            writer.writerow([r["stem"], slide_name, *(r[c] for c in MANIFEST_COLUMNS[2:])])
-    os.replace(tmp, stage / MANIFEST_FILE)
+    def write_manifest(tmp: Path) -> None:
+        with tmp.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(MANIFEST_COLUMNS)
+            for r in kept_rows:
+                writer.writerow([r["stem"], slide_name, *(r[c] for c in MANIFEST_COLUMNS[2:])])
+
+    atomic_write(stage / MANIFEST_FILE, write_manifest)
     if overview is not None:
         _write_overview(stage / OVERVIEW_FILE, overview, kept_rows, slide_name)
     (stage / JOURNAL_FILE).unlink()
     if out.exists():  # an empty folder the user made; rename() cannot replace it
         out.rmdir()
-    os.replace(stage, out)
+    replace_dir(stage, out)
 
 
 class Overview(NamedTuple):
@@ -587,10 +587,9 @@ TISSUE_COLOUR = "tab:blue"
 def _write_overview(path: Path, overview: Overview, rows: Sequence[dict[str, str]], slide_name: str) -> None:
     """Thumbnail with the tissue outline (blue), the annotation outline (magenta) and the kept
     patches coloured by mask fraction, with a legend and a colour bar."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.figure import Figure  # not pyplot: the caller's backend stays as it was
     from matplotlib.lines import Line2D
     from matplotlib.patches import Rectangle
 
@@ -603,13 +602,14 @@ def _write_overview(path: Path, overview: Overview, rows: Sequence[dict[str, str
     d = tissue.downsample * w / size[0]
     annotation = overview.annotations.rasterise(0, 0, size[0], size[1], d, overview.classes, overview.exclude)
     fig_w = 8.0
-    fig, ax = plt.subplots(figsize=(fig_w, max(2.5, min(24.0, fig_w * h / w))), dpi=100)
+    fig = Figure(figsize=(fig_w, max(2.5, min(24.0, fig_w * h / w))), dpi=100)
+    ax = fig.subplots()
     ax.imshow(thumb)
     if tissue_small.min() < 0.5 < tissue_small.max():
         ax.contour(tissue_small, levels=[0.5], colors=TISSUE_COLOUR, linewidths=0.6)
     if annotation.any():
         ax.contour(annotation.astype(np.float32), levels=[0.5], colors=ANNOTATION_COLOUR, linewidths=1.2)
-    cmap = plt.get_cmap("viridis")
+    cmap = colormaps["viridis"]
     for r in rows:
         frac = float(r["tumour_fraction"])
         ax.add_patch(Rectangle((int(r["x"]) / d, int(r["y"]) / d), extent / d, extent / d,
@@ -621,14 +621,13 @@ def _write_overview(path: Path, overview: Overview, rows: Sequence[dict[str, str
         Line2D([], [], color=cmap(0.5), lw=1, label=f"kept patch ({config.size} px), colour = annotation fraction"),
     ]
     ax.legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.85)
-    bar = fig.colorbar(plt.cm.ScalarMappable(cmap=cmap), ax=ax, fraction=0.03, pad=0.01)
+    bar = fig.colorbar(ScalarMappable(cmap=cmap), ax=ax, fraction=0.03, pad=0.01)
     bar.set_label("annotation fraction of the patch", fontsize=7)
     ax.set_title(f"{slide_name}: {len(rows)} patches of {config.size} px at downsample {overview.downsample:g}",
                  fontsize=9)
     ax.set_axis_off()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def discard_staging(out: Path) -> None:

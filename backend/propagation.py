@@ -63,7 +63,7 @@ from scipy.sparse.linalg import splu
 from histosam.backend.catalog import SERVED_PROPAGATION
 from histosam.backend.errors import InvalidInputError
 from histosam.backend.predictor import Prediction, Predictor
-from histosam.backend.settings_file import SettingsFile
+from histosam.backend.settings_file import Number, SettingsFile, Whole
 from histosam.backend.transforms import LOW_RES, ImageTransform, validate_rgb
 
 DEFAULT_CONFIG = Path(__file__).with_name("propagation.yaml")
@@ -79,17 +79,16 @@ class PropagationSettings(SettingsFile):
 
     WHAT: ClassVar[str] = "propagation"
     DEFAULT_CONFIG: ClassVar[Path] = DEFAULT_CONFIG
-    INT_FIELDS: ClassVar[tuple[str, ...]] = ("working_side", "auto_ignored_clicks")
     ZERO_ALLOWED: ClassVar[tuple[str, ...]] = ("auto_ignored_clicks",)
 
-    gamma: float = 0.003  # prior weight at full model confidence (smaller: clicks spread further)
-    beta: float = 5.0  # edge contrast (larger: colour edges stop the spread harder)
-    temperature: float = 4.0  # logit scale of the model's probability
-    working_side: int = 160  # longest side of the copy the walker runs on, pixels
-    click_radius: float = 5.0  # pinned disk around each click, full-resolution pixels
-    auto_confidence: float = 0.05  # "auto" propagates when the first step's mean |2p - 1| is below this
+    gamma: Number = 0.003  # prior weight at full model confidence (smaller: clicks spread further)
+    beta: Number = 5.0  # edge contrast (larger: colour edges stop the spread harder)
+    temperature: Number = 4.0  # logit scale of the model's probability
+    working_side: Whole = 160  # longest side of the copy the walker runs on, pixels
+    click_radius: Number = 5.0  # pinned disk around each click, full-resolution pixels
+    auto_confidence: Number = 0.05  # "auto" propagates when the first step's mean |2p - 1| is below this
     # ... or once this many correction clicks were ignored by the model (0: never for that reason)
-    auto_ignored_clicks: int = 1
+    auto_ignored_clicks: Whole = 1
 
     def __post_init__(self) -> None:
         self.check_positive()

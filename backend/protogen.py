@@ -13,8 +13,6 @@ Needs ``grpcio-tools`` (the ``test`` extra), imported only when run.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -74,16 +72,12 @@ def stale_files(proto_root: Path = PROTO_ROOT) -> list[str]:
 
 def write_generated(proto_root: Path = PROTO_ROOT) -> list[str]:
     """Compile and replace the committed files atomically (each via a temp file beside it)."""
-    from histosam.backend.report import mkstemp_umask  # mode as open() gives, not 0o600
+    from histosam.backend.atomic import write_bytes
 
     with tempfile.TemporaryDirectory() as tmp:
         fresh = compile_proto(Path(tmp), proto_root)
         for rel, path in fresh.items():
-            target = proto_root / rel
-            fd, tmp_file = mkstemp_umask(target.parent, prefix=f".{target.name}.", suffix=".tmp")
-            os.close(fd)
-            shutil.copyfile(path, tmp_file)
-            os.replace(tmp_file, target)
+            write_bytes(proto_root / rel, path.read_bytes())
         return list(fresh)
 
 

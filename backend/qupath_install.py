@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from histosam.backend.atomic import replace_dir
 from histosam.backend.errors import BundleError, InvalidInputError
 
 CLIENT_FILES = ("HistosamClient.groovy", "HistosamQuPath.groovy")
@@ -211,9 +212,7 @@ def install_scripts(
     for name in report.kept:  # the user's own files in the folder stay
         src = dest / name
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, stage / name)
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(stage, dest)
+    replace_dir(stage, dest, backup=old)
     if old.exists():
         shutil.rmtree(old)
     return report

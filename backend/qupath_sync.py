@@ -22,7 +22,6 @@ a timestamped backup of what it replaced; ``dry_run`` reports the plan and write
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 import urllib.parse
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from histosam.backend.atomic import replace_dir, write_text
 from histosam.backend.errors import HistosamError, InvalidInputError, NotFoundError
 from histosam.backend.geometry import (
     DEFAULT_CLASS_NAME,
@@ -157,12 +157,6 @@ def backup_path(target: Path) -> Path:
     return candidate
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def merge_predictions_geojson(
     existing: Path,
     predictions: Path,
@@ -202,7 +196,7 @@ def merge_predictions_geojson(
     if backup and target.exists():
         plan.backup = backup_path(target)
         shutil.copy2(target, plan.backup)
-    write_atomic(target, json.dumps(result, indent=1) + "\n")
+    write_text(target, json.dumps(result, indent=1) + "\n")
     plan.written = True
     return plan
 
@@ -237,7 +231,7 @@ def user_annotations_geojson(
         )
     text = json.dumps({"type": "FeatureCollection", "features": keep}, indent=1) + "\n"
     if not dest.is_file() or dest.read_text(encoding="utf-8") != text:
-        write_atomic(dest, text)
+        write_text(dest, text)
     return len(features) - len(keep)
 
 
@@ -387,8 +381,7 @@ def import_predictions_into_project(
         shutil.rmtree(stage, ignore_errors=True)
         raise
     backup = backup_path(folder)
-    os.replace(folder, backup)
-    os.replace(stage, folder)
+    replace_dir(stage, folder, backup=backup, durable=True)
     return plans, backup
 
 
@@ -426,7 +419,7 @@ def export_patches_from_project(
     for name, slide, features in work:
         stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
         exported = out / f".{stem}.qupath.geojson"
-        write_atomic(exported, json.dumps({"type": "FeatureCollection", "features": features}) + "\n")
+        write_text(exported, json.dumps({"type": "FeatureCollection", "features": features}) + "\n")
         summary = export_patches_from_geojson(slide, exported, out / stem, classes,
                                               include_predictions=include_predictions, progress=progress,
                                               overview=overview, **patch_options)

@@ -2,86 +2,22 @@
 
 ``table.md`` is laid out like the reference paper's tables (rows = model/backend; NoC@80/85/90,
 seconds per click, NoF/n@85/90, then mIoU after 1/5/10/20 clicks), and the PNG like its Fig. 3
-(mIoU against the number of clicks, one line per model/backend). Each file is written to a
-temporary file beside the target and moved into place with ``os.replace``, so a reader never
-sees half a report and an interrupted run leaves the previous one intact.
+(mIoU against the number of clicks, one line per model/backend). Each file is written
+atomically (histosam.backend.atomic), so a reader never sees half a report and an interrupted
+run leaves the previous one intact.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import secrets
-import stat
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from histosam.backend.atomic import atomic_write, write_json, write_text
 from histosam.backend.metrics import NOC_THRESHOLDS, NOF_THRESHOLDS, REFINEMENT_SPAN, threshold_key
 
 TABLE_MIOU_CLICKS = (1, 5, 10, 20)
 _A, _B = REFINEMENT_SPAN
 ERROR_CLOSED_HEADER = f"error closed @{_A}->{_B}"
-
-
-# Temporary files and folders for atomic writes (write beside the target, then os.replace).
-# tempfile.mkstemp/mkdtemp create them 0o600/0o700, and os.replace keeps that mode, so every
-# output would be readable by its owner only (a service account could not serve a bundle).
-# These create them with the mode a plain open()/mkdir() gives: 0o666/0o777 passed to the
-# kernel, which applies the umask (and a folder's default ACL) itself. Reading the umask
-# instead (os.umask(0); os.umask(m)) would be a race: it is process-wide, so another thread
-# (server workers, data loaders) creating a file in that window would get umask 0; and a value
-# cached at import would miss a later umask change. Used by backend, export and training alike
-# (this module imports no torch, so training/ and export/ may import it).
-_TEMP_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
-
-
-def _unique_temp(
-    dir: str | os.PathLike[str], prefix: str, suffix: str, create: Callable[[str], Any]
-) -> tuple[Any, str]:
-    base = os.path.abspath(os.fspath(dir))
-    for _ in range(100):
-        name = os.path.join(base, f"{prefix}{secrets.token_hex(6)}{suffix}")
-        try:
-            return create(name), name
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no unused temporary name {prefix}*{suffix} in {base}")
-
-
-def mkstemp_umask(dir: str | os.PathLike[str], prefix: str = "tmp", suffix: str = "") -> tuple[int, str]:
-    """``tempfile.mkstemp`` with the mode ``open()`` gives (0o666 & ~umask), not 0o600."""
-    return _unique_temp(dir, prefix, suffix, lambda name: os.open(name, _TEMP_FLAGS, 0o666))
-
-
-def mkdtemp_umask(dir: str | os.PathLike[str], prefix: str = "tmp", suffix: str = "") -> str:
-    """``tempfile.mkdtemp`` with the mode ``mkdir()`` gives (0o777 & ~umask), not 0o700."""
-    return _unique_temp(dir, prefix, suffix, lambda name: os.mkdir(name, 0o777))[1]
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary path beside ``path``, then move it into place.
-
-    The file ends with the mode a plain ``open()`` would give it (see ``mkstemp_umask``), also
-    when ``write`` replaces ``tmp`` rather than writing into it (safetensors' ``save_file``
-    saves through its own 0o600 temporary file and a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = mkstemp_umask(path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    mode = stat.S_IMODE(os.fstat(fd).st_mode)  # what open() gave: the umask, read race-free
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n"))
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -197,10 +133,7 @@ def render_table(results: dict[str, Any]) -> str:
 
 def plot_miou(results: dict[str, Any], path: Path) -> None:
     """miou_per_click.png: mIoU after k clicks, one line per run (one panel per dataset)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the caller's backend stays as it was
     from matplotlib.ticker import MaxNLocator
 
     runs = results["runs"]
@@ -212,7 +145,8 @@ def plot_miou(results: dict[str, Any], path: Path) -> None:
         (ds, {k: r["by_dataset"][ds]["miou_curve"] for k, r in runs.items() if ds in r.get("by_dataset", {})})
         for ds in datasets
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    fig = Figure(figsize=(5.5 * len(panels), 4.2))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, curves) in zip(axes[0], panels, strict=True):
         for key, curve in curves.items():
             ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, label=key)
@@ -228,13 +162,7 @@ def plot_miou(results: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
 
-    def save(tmp: Path) -> None:
-        fig.savefig(tmp, dpi=120, format="png")
-
-    try:
-        atomic_write(path, save)
-    finally:
-        plt.close(fig)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
 def write_report(out_dir: Path, results: dict[str, Any]) -> dict[str, Path]:
@@ -247,7 +175,7 @@ def write_report(out_dir: Path, results: dict[str, Any]) -> dict[str, Path]:
     }
     write_json(paths["results"], results)
     table = render_table(results)
-    atomic_write(paths["table"], lambda tmp: tmp.write_text(table))
+    write_text(paths["table"], table)
     plot_miou(results, paths["plot"])
     return paths
 

@@ -27,14 +27,15 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import cv2
 import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from pydantic import ConfigDict, Strict
 
 from histosam.backend import __version__
 from histosam.backend.edge_snap import EdgeSnapSettings, snap_mask, working_lab
@@ -83,6 +84,19 @@ from histosam.backend.sessions import (
     SessionStore,
     StepResult,
     never_cancelled,
+)
+from histosam.backend.settings_file import (
+    STRICT_CONFIG,
+    Flag,
+    Number,
+    OptPath,
+    OptText,
+    OptWhole,
+    Paths,
+    Text,
+    Whole,
+    parse_settings,
+    required,
 )
 from histosam.backend.transforms import mask_to_prompt_logits
 from histosam.backend.wire import EncodedReply, encode_polygons, serialize_reply
@@ -135,44 +149,47 @@ class ServerSettings:
     """Everything the server needs; the CLI, a config file and tests all build one of these.
 
     ``bundles`` (explicit bundle folders) and ``models_dir`` (a bundle, or a folder of
-    bundles) add up; with neither, the cached default bundle is served.
+    bundles) add up; with neither, the cached default bundle is served. A config file's or the
+    CLI's values are checked by the one settings loader (histosam.backend.settings_file).
     """
 
-    host: str = "127.0.0.1"
-    port: int = 50051
-    models_dir: Path | None = None
-    bundles: tuple[Path, ...] = ()
-    default_model: str | None = None
-    slide_roots: tuple[Path, ...] = ()
-    token: str | None = None
-    token_file: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    threads: int = 8
+    __pydantic_config__: ClassVar[ConfigDict] = STRICT_CONFIG
+
+    host: Text = "127.0.0.1"
+    port: Whole = 50051
+    models_dir: OptPath = None
+    bundles: Paths = ()
+    default_model: OptText = None
+    slide_roots: Paths = ()
+    token: OptText = None
+    token_file: OptPath = None
+    tls_cert: OptPath = None
+    tls_key: OptPath = None
+    threads: Whole = 8
     # RPCs admitted at once (running + queued for a thread); beyond it grpc answers
     # RESOURCE_EXHAUSTED at once instead of queueing without bound.
-    max_concurrent_rpcs: int = 32
+    max_concurrent_rpcs: Whole = 32
     # Image encodes running at once. Each holds the encoder's working memory (LiteMedSAM on
     # CPU: ~300 MB), which the embedding cache budget does not cover: 8 clients opening at once
     # took the server from 0.2 to 3 GB. Others wait their turn (their clicks do not).
-    max_concurrent_encodes: int = 2
+    max_concurrent_encodes: Whole = 2
     # Clicks computed at once (decoder + edge snapping or propagation), across sessions; more
     # wait their turn. 0: one per CPU core. A click is one thread of work (the served decoder
     # runs on one onnxruntime thread), so more at once only time-slices the same cores.
-    max_concurrent_clicks: int = 0
+    max_concurrent_clicks: Whole = 0
     # onnxruntime intra-op threads per session; None: the decoder gets 1 (see max_concurrent_clicks)
     # and the encoder onnxruntime's choice (all cores, at lower priority than clicks).
-    ort_threads: int | None = None
-    prefer_gpu: bool = True
+    ort_threads: OptWhole = None
+    prefer_gpu: Flag = True
     # Embeddings and the sessions' prompt histories together (GetServerInfo: cache_used_bytes +
     # session_bytes); over it, other sessions' histories are trimmed, then embeddings evicted.
-    cache_bytes: int = 1 << 30
-    session_idle_seconds: float = 1800.0
-    max_sessions: int = 128
-    max_pixels: int = 4096 * 4096
-    max_message_bytes: int = 64 << 20
-    max_points: int = 100
-    grace_seconds: float = 5.0
+    cache_bytes: Whole = 1 << 30
+    session_idle_seconds: Number = 1800.0
+    max_sessions: Whole = 128
+    max_pixels: Whole = 4096 * 4096
+    max_message_bytes: Whole = 64 << 20
+    max_points: Whole = 100
+    grace_seconds: Number = 5.0
     # Click propagation (backend/propagation.py): the model's mask as the prior of a
     # click-seeded random walker, so a click spreads over its colour region. This is what a
     # Click gets when it does not choose (ClickRequest.propagation); every click may choose.
@@ -180,16 +197,16 @@ class ServerSettings:
     # correction click); true / false mean on / off. The default (catalog.SERVED_PROPAGATION)
     # was chosen on tumour regions first, glands beside; see the model card. Settings from
     # ``propagation_config`` (a YAML file), else the shipped propagation.yaml.
-    propagation: str = SERVED_DEFAULT
-    propagation_config: Path | None = None
+    propagation: PropagationMode = SERVED_DEFAULT
+    propagation_config: OptPath = None
     # Edge snapping (backend/edge_snap.py): the model's mask edge moved onto the image's colour
     # edge within a thin band. "model" (default): for the models whose bundle asks for it (the
     # shipped default: GlaS NoF@90 13 -> 10 of 22, NoC@85 9.09 -> 8.91; ~2.2x the decoder's
     # per-click time on one CPU thread); "on": every model; "off": none (fastest, and the
     # model's raw masks). Applies to the model's masks, not to propagated ones (the walker
     # already follows colour edges). Settings from ``edge_snap_config``, else edge_snap.yaml.
-    edge_snap: str = "model"
-    edge_snap_config: Path | None = None
+    edge_snap: EdgeSnapMode = "model"
+    edge_snap_config: OptPath = None
 
     def __post_init__(self) -> None:
         for name in ("threads", "max_concurrent_rpcs", "max_concurrent_encodes", "cache_bytes", "max_sessions", "max_pixels", "max_message_bytes", "max_points"):
@@ -205,26 +222,19 @@ class ServerSettings:
             raise InvalidInputError("--tls-cert and --tls-key go together")
         if self.token is not None and self.token_file is not None:
             raise InvalidInputError("give a token or a token file, not both")
-        object.__setattr__(self, "propagation", _coerce("propagation", self.propagation))
-        object.__setattr__(self, "edge_snap", _coerce("edge_snap", self.edge_snap))
+        object.__setattr__(self, "propagation", _propagation_mode(self.propagation))
+        object.__setattr__(self, "edge_snap", _edge_snap_mode(self.edge_snap))
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> ServerSettings:
         """Build from a dict (a config file, CLI flags): keys with dashes or underscores."""
-        known = {f.name: f for f in fields(cls)}
         kwargs: dict[str, Any] = {}
         for raw_key, value in values.items():
             key = str(raw_key).replace("-", "_")
-            if key == "slide_root":
-                key = "slide_roots"
-            if key == "models":
-                key = "models_dir"
-            if key not in known:
-                raise InvalidInputError(f"unknown server setting {raw_key!r}")
-            if value is None:
-                continue
-            kwargs[key] = _coerce(key, value)
-        return cls(**kwargs)
+            key = {"slide_root": "slide_roots", "models": "models_dir"}.get(key, key)
+            if value is not None:  # no value: the default
+                kwargs[key] = value
+        return parse_settings(cls, kwargs, "server setting")
 
     def resolve_token(self) -> str | None:
         if self.token is not None:
@@ -247,38 +257,22 @@ class ServerSettings:
         return paths or [default_bundle_path()]
 
 
-def _coerce(key: str, value: Any) -> Any:
-    if key in ("bundles", "slide_roots"):
-        items = [value] if isinstance(value, str | Path) else list(value)
-        return tuple(Path(v) for v in items)
-    if key in ("models_dir", "token_file", "tls_cert", "tls_key", "propagation_config", "edge_snap_config"):
-        return Path(value)
-    if key in ("port", "threads", "max_concurrent_rpcs", "max_concurrent_encodes", "max_concurrent_clicks", "ort_threads", "cache_bytes", "max_sessions", "max_pixels",
-               "max_message_bytes", "max_points"):
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise InvalidInputError(f"setting {key} must be an integer, got {value!r}") from None
-    if key in ("session_idle_seconds", "grace_seconds"):
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise InvalidInputError(f"setting {key} must be a number, got {value!r}") from None
-    if key == "propagation":
-        if isinstance(value, bool):
-            return "on" if value else "off"
-        return check_mode(str(value))
-    if key == "edge_snap":
-        if isinstance(value, bool):
-            return "on" if value else "off"
-        if value not in EDGE_SNAP_CHOICES:
-            raise InvalidInputError(f"edge_snap must be one of {', '.join(EDGE_SNAP_CHOICES)}, got {value!r}")
-        return value
-    if key == "prefer_gpu":
-        if not isinstance(value, bool):
-            raise InvalidInputError(f"setting {key} must be true or false, got {value!r}")
-        return value
-    return value if value is None else str(value)
+def _propagation_mode(value: Any) -> str:
+    if isinstance(value, bool):  # YAML's on/off read as booleans
+        return "on" if value else "off"
+    return check_mode(str(value))
+
+
+def _edge_snap_mode(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value not in EDGE_SNAP_CHOICES:
+        raise InvalidInputError(f"edge_snap must be one of {', '.join(EDGE_SNAP_CHOICES)}, got {value!r}")
+    return value
+
+
+PropagationMode = Annotated[str, Strict(), required(_propagation_mode)]
+EdgeSnapMode = Annotated[str, Strict(), required(_edge_snap_mode)]
 
 
 def click_concurrency(settings: ServerSettings) -> int:

@@ -57,7 +57,7 @@ def _parse(name: str, entry: Any, path: Path) -> DatasetSplit:
 def load_splits(path: str | Path | None = None) -> dict[str, DatasetSplit]:
     """Every set's split from ``path`` (default: the shipped ``splits.yaml``), by folder name."""
     source = Path(path) if path is not None else DEFAULT_SPLITS
-    data = read_yaml_mapping(source, "splits")
+    data = read_yaml_mapping(source, "splits file")
     return {str(name): _parse(str(name), entry, source) for name, entry in data.items()}
 
 

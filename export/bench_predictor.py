@@ -8,7 +8,6 @@ target (issue 2): ONNX at least 2x faster than PyTorch for both the encoder and 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -93,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
     result["target_speedup"] = 2.0
     result["meets_target"] = result["encoder_speedup"] >= 2.0 and result["decoder_speedup"] >= 2.0
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    from histosam.backend.atomic import write_json
+
+    write_json(args.out, result, indent=2)
     print(f"{'':10}{'torch ms':>10}{'onnx ms':>10}{'speedup':>9}   ({args.threads} threads, {op.providers[0]})")
     for part in ("encoder", "decoder"):
         print(f"{part:10}{result[f'torch_{part}_ms_median']:10.1f}{result[f'onnx_{part}_ms_median']:10.1f}"

@@ -7,9 +7,8 @@ measured before the rename; an fp32 export that misses the tolerance is refused.
 
 from __future__ import annotations
 
+import functools
 import json
-import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,12 +16,13 @@ from typing import Any
 import torch
 
 from histosam.backend import __version__
+from histosam.backend.atomic import atomic_write, staged_dir
 from histosam.backend.bundle import MANIFEST, write_manifest
+from histosam.backend.catalog import BUNDLE_FORMAT, check_recorded_weights, decoder_weights_sha256
 from histosam.backend.errors import HistosamError, ParityError
-from histosam.backend.report import mkdtemp_umask
 from histosam.export.onnx_graphs import DECODER_OUTPUTS, DecoderGraph, EncoderGraph
 from histosam.training.models.loading import load_model_from_source
-from histosam.training.models.registry import file_sha256, source_sha256
+from histosam.training.models.registry import source_sha256
 from histosam.training.models.sam_model import HistoSam
 
 DEFAULT_OPSET = 17
@@ -109,21 +109,22 @@ def quantize_bundle(out: Path, mode: str) -> None:
         path = out / name
         if not path.exists():
             continue
-        tmp = path.with_suffix(".q.onnx")
-        if mode == "int8":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
-        elif mode == "fp16":
-            import onnx
-            from onnx import version_converter  # noqa: F401  (ensures onnx is importable)
-            from onnxruntime.transformers.float16 import convert_float_to_float16
-
-            m = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
-            onnx.save(m, str(tmp))
-        else:
+        if mode not in ("int8", "fp16"):
             raise HistosamError(f"unknown quantisation {mode!r}; use int8 or fp16")
-        os.replace(tmp, path)
+        atomic_write(path, functools.partial(_quantize, path, mode=mode))
+
+
+def _quantize(source: Path, target: Path, *, mode: str) -> None:
+    if mode == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    else:
+        import onnx
+        from onnx import version_converter  # noqa: F401  (ensures onnx is importable)
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        onnx.save(convert_float_to_float16(onnx.load(str(source)), keep_io_types=True), str(target))
 
 
 def export_bundle(
@@ -139,17 +140,17 @@ def export_bundle(
     from histosam.export.parity import check_parity
 
     out = Path(out)
+    check_recorded_weights(source)  # the cache key trusts the recorded sha256s
     model = model if model is not None else load_model_from_source(source)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # The folder gets the mode mkdir() gives (not mkdtemp's 0o700): a service account must read it.
-    tmp = Path(mkdtemp_umask(out.parent, prefix=f".{out.name}."))
-    try:
+    # The folder gets the mode mkdir() gives (not mkdtemp's 0o700): a service account must read
+    # it; it reaches the disk before it replaces a previous bundle, and goes when an export fails.
+    with staged_dir(out, durable=True) as tmp:
         graphs = export_graphs(model, tmp, opset)
         if quantize:
             quantize_bundle(tmp, quantize)
         spec = model.spec
         manifest: dict[str, Any] = {
-            "format": "histosam-bundle/1",
+            "format": BUNDLE_FORMAT,
             "model": source.get("name") or spec.name,
             "base_model": spec.name,
             "histosam_version": __version__,
@@ -169,7 +170,7 @@ def export_bundle(
                 "checkpoint": str(source["checkpoint"]) if source.get("checkpoint") else None,
                 "decoder_weights": str(source["decoder_weights"]) if source.get("decoder_weights") else None,
                 "weights_sha256": source_sha256(spec.name, source.get("checkpoint")),
-                "decoder_weights_sha256": file_sha256(Path(source["decoder_weights"])) if source.get("decoder_weights") else None,
+                "decoder_weights_sha256": decoder_weights_sha256(source),
             },
         }
         write_manifest(tmp, manifest)  # files' sha256 first, so parity runs on a verifiable bundle
@@ -182,17 +183,7 @@ def export_bundle(
                     f"ONNX/PyTorch parity failed: min mask IoU {report['min_mask_iou']:.5f} (need >= 0.999), "
                     f"max logit diff {report['max_low_res_logit_diff']:.2e} (need <= 1e-3)"
                 )
-        if out.exists():
-            backup = out.with_name(f".{out.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(out, backup)
-            os.replace(tmp, out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        return manifest
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
 
 
 def ensure_bundle(name: str, checkpoint: str | None = None, decoder_weights: str | None = None,

@@ -39,8 +39,9 @@ class EncoderGraph(nn.Module):
 class DecoderGraph(nn.Module):
     """SAM's official ONNX decoder interface, plus the model's extra feature inputs (if any).
 
-    ``stock_interface=True`` drops the extras so tools that know only SAM's interface can
-    run it; it is only possible for decoders that can run without them.
+    ``extra_inputs=()`` gives SAM's interface alone, so tools that know only it can run the
+    graph; the exporter does so (decoder_stock.onnx) only for decoders that can run without
+    their extra features (their ``stock_mode``).
     """
 
     def __init__(self, model: HistoSam, extra_inputs: tuple[str, ...] = ()) -> None:

@@ -8,6 +8,7 @@ fix neither leaves outputs private nor forces them world-readable.
 
 from __future__ import annotations
 
+import ast
 import copy
 import os
 import stat
@@ -15,8 +16,16 @@ from pathlib import Path
 
 import pytest
 
+from histosam.backend.atomic import (
+    atomic_write,
+    is_temporary,
+    mkdtemp_umask,
+    mkstemp_umask,
+    replace_dir,
+    staged_dir,
+    write_json,
+)
 from histosam.backend.bundle import MANIFEST, write_manifest
-from histosam.backend.report import atomic_write, mkdtemp_umask, mkstemp_umask, write_json
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
 
@@ -156,4 +165,95 @@ def test_training_run_outputs_are_readable_under_umask_022(tmp_path, tiny_model)
     for name in ("best.safetensors", "checkpoint.pt", "config.json", "metrics.csv"):
         assert written.get(name) == 0o644, (name, written)
     assert all(m == 0o644 for m in written.values()), written
-    assert not [p for p in tmp_path.rglob("*.tmp")]
+    assert not [p for p in tmp_path.rglob("*") if is_temporary(p)]
+
+
+# --------------------------------------------------------------------------- failures, fsync, one module
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "results.json"
+    write_json(target, {"old": True})
+
+    def half_then_crash(tmp: Path) -> None:
+        tmp.write_text('{"new": ')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, half_then_crash)
+    assert target.read_text() == '{\n "old": true\n}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    with pytest.raises(ValueError):  # NaN is refused before anything is written
+        write_json(target, {"x": float("nan")})
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_a_failed_staged_folder_keeps_the_old_one_and_a_finished_one_replaces_it(tmp_path):
+    dest = tmp_path / "bundle"
+    dest.mkdir()
+    (dest / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), staged_dir(dest) as stage:
+        (stage / "new.txt").write_text("new")
+        raise RuntimeError("export failed")
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"] and (dest / "old.txt").is_file()
+    with staged_dir(dest, durable=True) as stage:
+        (stage / "new.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+    assert sorted(p.name for p in dest.iterdir()) == ["new.txt"]
+
+
+def test_replace_dir_keeps_a_named_backup(tmp_path):
+    dest, stage, backup = tmp_path / "project", tmp_path / ".project.partial", tmp_path / "project.bak"
+    dest.mkdir()
+    (dest / "a").write_text("1")
+    stage.mkdir()
+    (stage / "a").write_text("2")
+    replace_dir(stage, dest, backup=backup, durable=True)
+    assert (dest / "a").read_text() == "2" and (backup / "a").read_text() == "1" and not stage.exists()
+
+
+def test_durable_writes_fsync_the_data_before_the_rename(tmp_path, monkeypatch):
+    """The data reaches the disk before the new name does (and the folder entry after)."""
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync:" + Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append("replace")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "checkpoint.pt"
+    atomic_write(target, lambda tmp: tmp.write_bytes(b"weights"), durable=True)
+    assert len(events) == 3 and events[1] == "replace"
+    assert events[0].startswith("fsync:.checkpoint.pt.") and events[2] == f"fsync:{tmp_path.name}"
+    events.clear()
+    atomic_write(tmp_path / "table.md", lambda tmp: tmp.write_text("x"))
+    assert events == ["replace"]  # reports are not worth a disk flush
+
+
+def test_every_writer_goes_through_the_atomic_module():
+    """No module but histosam.backend.atomic renames files into place or makes temporaries:
+    a writer of its own would again miss the umask, the fsync or the clean-up on failure."""
+    own = {"replace", "rename", "mkstemp", "mkdtemp", "NamedTemporaryFile", "mkstemp_umask", "mkdtemp_umask"}
+    offenders = []
+    for folder in ("backend", "export", "training"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            if path.name == "atomic.py":
+                continue
+            tree = ast.parse(path.read_text(), str(path))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in own:
+                    base = node.func.value
+                    if node.func.attr == "replace" and not (isinstance(base, ast.Name) and base.id == "os"):
+                        continue  # str.replace and friends (a Path.replace reads like one: none are left)
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno} {node.func.attr}")
+                elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in own:
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno} {node.func.id}")
+    assert not offenders, offenders

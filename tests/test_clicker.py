@@ -156,3 +156,46 @@ def test_training_clicks_vary_and_stay_interior():
     assert len(clicks) > 10  # random, not always the same pixel
     for y, x in clicks:  # at least half the maximum depth (15) from the border
         assert 12 <= y <= 27 and 12 <= x <= 27
+
+
+def scipy_padded_distance(region: np.ndarray) -> np.ndarray:
+    """The transform the clicker used before OpenCV's (scipy's exact EDT): the reference."""
+    return distance_transform_edt(np.pad(np.asarray(region, bool), 1))[1:-1, 1:-1]
+
+
+def _predictions(gt: np.ndarray) -> list[np.ndarray]:
+    """Imperfect predictions of ``gt`` of the kinds a model makes: shifted, grown, shrunk, empty."""
+    import cv2
+
+    kernel = np.ones((9, 9), np.uint8)
+    u8 = gt.view(np.uint8)
+    return [np.zeros_like(gt), np.roll(gt, (7, -5), axis=(0, 1)),
+            cv2.dilate(u8, kernel).astype(bool), cv2.erode(u8, kernel).astype(bool), ~gt]
+
+
+@pytest.mark.slow
+def test_clicks_on_every_shared_patch_set_are_those_of_the_scipy_transform(data_dir):
+    """OpenCV's transform gives scipy's distances bit for bit, so every click is the same."""
+    from histosam.backend.evaluation import read_mask
+
+    sets = sorted(p for p in (data_dir / "patches").iterdir() if (p / "masks").is_dir())
+    assert sets
+    for folder in sets:
+        for path in sorted((folder / "masks").iterdir())[:4]:  # every set; its first patches (all: see notes)
+            gt = read_mask(path)
+            for pred in _predictions(gt):
+                for region in (gt & ~pred, ~gt & pred):
+                    assert np.array_equal(padded_distance(region), scipy_padded_distance(region)), path
+                clicked = np.zeros_like(gt)
+                for _ in range(3):
+                    click = next_click(gt, pred, clicked)
+                    dt_fn = scipy_padded_distance(gt & ~pred)
+                    dt_fp = scipy_padded_distance(~gt & pred)
+                    dt_fn[clicked] = dt_fp[clicked] = 0
+                    if dt_fn.max() == 0 and dt_fp.max() == 0:
+                        assert click is None
+                        break
+                    positive = dt_fn.max() > dt_fp.max()
+                    y, x = np.unravel_index(int(np.argmax(dt_fn if positive else dt_fp)), gt.shape)
+                    assert click == Click(int(y), int(x), bool(positive)), path
+                    clicked[y, x] = True

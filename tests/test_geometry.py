@@ -18,6 +18,7 @@ from histosam.backend.geometry import (
     mask_to_polygons,
     polygons_to_mask,
     ring_area,
+    valid_polygon,
 )
 
 
@@ -209,3 +210,33 @@ def test_even_odd_fill_handles_polygons_partly_outside_and_any_orientation():
     assert m[:5, :5].all() and m.sum() == 25
     reversed_poly = PolygonXY(exterior=poly.exterior[::-1])
     assert np.array_equal(polygons_to_mask([reversed_poly], (10, 10)), m)
+
+
+def test_valid_polygon_refuses_what_simplification_can_break():
+    square = np.array([[0, 0], [10, 0], [10, 10], [0, 10]], float)
+    hole = np.array([[2, 2], [2, 4], [4, 4], [4, 2]], float)
+    assert valid_polygon(square, [hole])
+    assert not valid_polygon(square, [hole + 20])  # a hole outside its exterior
+    assert not valid_polygon(square, [hole + [7, 0]])  # a hole crossing the exterior
+    assert not valid_polygon(np.array([[0, 0], [10, 10], [10, 0], [0, 10]], float), [])  # a bow tie
+    assert not valid_polygon(square, [hole, hole + [1, 1]])  # two holes overlapping
+    assert not valid_polygon(square[:2], [])  # a line
+
+
+@pytest.mark.slow
+def test_simplified_polygons_keep_holes_inside_their_exterior_on_real_masks(data_dir):
+    """Douglas-Peucker simplifies each ring on its own, which on real masks moves holes across
+    their exterior; such a polygon keeps its exact outline, every other one is simplified."""
+    from histosam.backend.evaluation import read_mask
+
+    changed = 0
+    for folder in sorted(p for p in (data_dir / "patches").iterdir() if (p / "masks").is_dir()):
+        for path in sorted((folder / "masks").iterdir())[:8]:
+            mask = read_mask(path)
+            exact = {p.exterior.tobytes() for p in mask_to_polygons(mask)}
+            for tolerance in (0.5, 2.0):
+                for polygon in mask_to_polygons(mask, simplify_tolerance=tolerance):
+                    if not valid_polygon(polygon.exterior, polygon.holes):
+                        assert polygon.exterior.tobytes() in exact, path  # kept exact
+                        changed += 1
+    assert changed  # the shared sets hold such masks: the check above ran on some

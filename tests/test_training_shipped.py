@@ -61,3 +61,20 @@ def test_evaluate_loads_the_default_and_shipped_names_on_the_torch_side():
         assert pred.edge_snap  # and edge snapping, applied by the evaluator as by the server
     zero_shot = TorchPredictor.from_spec("lite_medsam")
     assert zero_shot.transform.mask_dilation == 0 and not zero_shot.edge_snap
+
+
+def test_recorded_sha256s_match_the_files_and_a_changed_file_is_refused(tmp_path):
+    """The cache key trusts the recorded sha256s (a serving install has no files to hash), so
+    they must be the files' own, and an export from a changed file is refused."""
+    from histosam.backend import catalog
+    from histosam.backend.errors import CheckpointError
+
+    for name, path in registry.shipped_models().items():
+        assert registry.file_sha256(path) == catalog.SHIPPED_SHA256[name]
+    assert registry.file_sha256(catalog.lite_medsam_weights()) == catalog.PACKAGED_WEIGHTS_SHA256["lite_medsam"]
+    source = registry.resolve_source("default")
+    catalog.check_recorded_weights(source)  # the installed files pass
+    changed = tmp_path / "changed.safetensors"
+    changed.write_bytes(b"not the shipped weights")
+    with pytest.raises(CheckpointError, match="sha256"):
+        catalog.check_recorded_weights({**source, "decoder_weights": str(changed)})

@@ -10,7 +10,6 @@ median per-click time and its ratio to the stock decoder.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 import warnings
@@ -105,7 +104,9 @@ def run_bench(args: argparse.Namespace) -> int:
     result = measure(args.model, list(args.variants), args.rounds, args.threads,
                      lambda text: progress("decoders", text))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    from histosam.backend.atomic import write_json
+
+    write_json(args.out, result, indent=2)
     for v, r in result["decoders"].items():
         print(f"{v:12s} {r['median_ms']:8.1f} ms/click  x{r['ratio_to_stock']:.2f} of stock")
     return 0

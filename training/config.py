@@ -7,82 +7,105 @@ from its YAML alone; the trainer writes the resolved config beside its checkpoin
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+from pydantic import ConfigDict
 
 from histosam.backend.errors import InvalidInputError, NotFoundError
+from histosam.backend.settings_file import (
+    STRICT_CONFIG,
+    Epochs,
+    Flag,
+    Folders,
+    Number,
+    OptNumber,
+    OptPair,
+    OptText,
+    OptWhole,
+    Pair,
+    Table,
+    Text,
+    Whole,
+    parse_settings,
+    read_yaml_mapping,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
 class TrainConfig:
-    name: str = "md"
-    base_model: str = "lite_medsam"
-    decoder: dict[str, Any] = field(default_factory=lambda: {"variant": "stock"})
+    """Every knob of a training run; values from a file are checked by the one settings loader
+    (histosam.backend.settings_file): typed, unknown keys refused, one line per mistake."""
+
+    __pydantic_config__: ClassVar[ConfigDict] = STRICT_CONFIG
+
+    name: Text = "md"
+    base_model: Text = "lite_medsam"
+    decoder: Table = field(default_factory=lambda: {"variant": "stock"})
     # Start from a fine-tune (decoder-weights .safetensors of the same base model, relative to the
     # repository or absolute) instead of the base model's own decoder: e.g. grow refine_hq's
     # zero-initialised high-resolution head on top of an already click-trained stock decoder.
-    init_weights: str | None = None
+    init_weights: OptText = None
     # Which parts learn (the paper's md / ie_md / whole; the rest stays frozen).
-    train_image_encoder: bool = False
-    train_prompt_encoder: bool = False
-    train_decoder: bool = True
-    click_disk_radius: float = 0.0
-    click_disk_mode: str = "add"  # "override": a click disk replaces the previous logits (sam_model.py)
+    train_image_encoder: Flag = False
+    train_prompt_encoder: Flag = False
+    train_decoder: Flag = True
+    click_disk_radius: Number = 0.0
+    click_disk_mode: Text = "add"  # "override": a click disk replaces the previous logits (sam_model.py)
     # Data: folders with images/ and masks/. ``holdout`` patches per training folder are kept
     # out of training as an internal validation split; ``val_data`` is never trained on.
-    train_data: list[str] = field(default_factory=lambda: ["../shared/data/patches/ocdc",
+    train_data: Folders = field(default_factory=lambda: ["../shared/data/patches/ocdc",
                                                            "../shared/data/patches/ebhi"])
-    holdout: int = 2
+    holdout: Whole = 2
     # Times each training folder's patches come up per epoch, by folder name (default 1): the
     # balance between a few tumour-region patches and thousands of gland patches.
-    repeat: dict[str, int] = field(default_factory=dict)
+    repeat: Table = field(default_factory=dict)
     # At most this many patches of a training folder, by folder name (a seeded random subset):
     # every patch costs one frozen-encoder pass per augmentation variant to cache.
-    max_patches: dict[str, int] = field(default_factory=dict)
-    val_data: list[str] = field(default_factory=lambda: ["../shared/data/patches/glas"])
-    val_fraction: tuple[float, float] | None = (0.2, 0.8)
-    val_limit: int | None = 8
-    val_max_clicks: int = 10
-    val_every: int = 1
-    select_on: str = "internal"  # "internal" (held-out train patches) or a val_data folder name
+    max_patches: Table = field(default_factory=dict)
+    val_data: Folders = field(default_factory=lambda: ["../shared/data/patches/glas"])
+    val_fraction: OptPair = (0.2, 0.8)
+    val_limit: OptWhole = 8
+    val_max_clicks: Whole = 10
+    val_every: Whole = 1
+    select_on: Text = "internal"  # "internal" (held-out train patches) or a val_data folder name
     # Schedule (paper defaults).
-    epochs: int = 30
-    lr: float = 5e-4
-    lr_milestones: tuple[int, ...] = (20, 25)
-    lr_gamma: float = 0.1
-    batch_size: int = 4
-    max_steps_per_epoch: int | None = None
-    max_minutes: float | None = None  # stop (checkpointed) after this wall time
+    epochs: Whole = 30
+    lr: Number = 5e-4
+    lr_milestones: Epochs = (20, 25)
+    lr_gamma: Number = 0.1
+    batch_size: Whole = 4
+    max_steps_per_epoch: OptWhole = None
+    max_minutes: OptNumber = None  # stop (checkpointed) after this wall time
     # Click simulation.
-    max_extra_clicks: int = 3
-    loss_every_round: bool = False
-    box_probability: float = 0.0
-    mask_drop_probability: float = 0.0
-    ritm_click_probability: float = 0.0
-    aux_stock_loss: float = 0.25
+    max_extra_clicks: Whole = 3
+    loss_every_round: Flag = False
+    box_probability: Number = 0.0
+    mask_drop_probability: Number = 0.0
+    ritm_click_probability: Number = 0.0
+    aux_stock_loss: Number = 0.25
     # Click consistency: BCE toward the click label on a disk around every click (losses.py).
-    click_loss_weight: float = 0.0
-    click_loss_radius: float = 2.0  # low-res (256 grid) pixels  # refine_hq: loss on its SAM path too (the stock-interface decoder)
+    click_loss_weight: Number = 0.0
+    click_loss_radius: Number = 2.0  # low-res (256 grid) pixels  # refine_hq: loss on its SAM path too (the stock-interface decoder)
     # Loss (Normalized Focal Loss).
-    alpha: float = 0.5
-    gamma: float = 2.0
+    alpha: Number = 0.5
+    gamma: Number = 2.0
     # Augmentation: ``aug_variants`` fixed random augmentations per image (variant 0 is the
     # identity), so the frozen encoder's embedding of each is computed once and cached.
-    aug_variants: int = 4
-    flips: bool = True
-    rot90: bool = True
-    scale_range: tuple[float, float] = (0.6, 1.0)
-    crop_size_px: int | None = None  # native-resolution crops of this size instead of scale_range
-    colour_jitter: float = 0.1
+    aug_variants: Whole = 4
+    flips: Flag = True
+    rot90: Flag = True
+    scale_range: Pair = (0.6, 1.0)
+    crop_size_px: OptWhole = None  # native-resolution crops of this size instead of scale_range
+    colour_jitter: Number = 0.1
     # Runtime.
-    seed: int = 0
-    num_threads: int = 2
-    cache_dir: str | None = None  # default: $HISTOSAM_HOME or ~/.cache/histosam, /embeddings
+    seed: Whole = 0
+    num_threads: Whole = 2
+    cache_dir: OptText = None  # default: $HISTOSAM_HOME or ~/.cache/histosam, /embeddings
 
     def validate(self) -> None:
         for key in ("epochs", "batch_size", "val_every", "val_max_clicks", "num_threads"):
@@ -159,61 +182,8 @@ def _looked_in() -> str:
     return f" (relative to {' or '.join(places)})"
 
 
-def _typed(key: str, kind: str, value: Any) -> Any:
-    """``value`` as the field's type, or one clear line: YAML gives ``1e-4`` as a string (YAML 1.1
-    floats need a dot) and ``epochs: 1.5`` as a float, and both used to end in a traceback."""
-    if value is None:
-        if "None" in kind:
-            return None
-        raise InvalidInputError(f"config key {key} needs a value")
-    base = kind.split("|")[0].strip()
-    if base == "bool":
-        if not isinstance(value, bool):
-            raise InvalidInputError(f"config key {key} must be true or false, got {value!r}")
-        return value
-    if base in ("int", "float"):
-        if isinstance(value, bool):
-            raise InvalidInputError(f"config key {key} must be a number, got {value!r}")
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise InvalidInputError(f"config key {key} must be a number, got {value!r}") from None
-        if not math.isfinite(number):
-            raise InvalidInputError(f"config key {key} must be a finite number, got {value!r}")
-        if base == "float":
-            return number
-        if not number.is_integer():
-            raise InvalidInputError(f"config key {key} must be a whole number, got {value!r}")
-        return int(number)
-    if base == "str" and not isinstance(value, str):
-        raise InvalidInputError(f"config key {key} must be text, got {value!r}")
-    if base.startswith("dict") and not isinstance(value, dict):
-        raise InvalidInputError(f"config key {key} must be a mapping, e.g. {{variant: stock}}, got {value!r}")
-    return value
-
-
 def config_from_dict(raw: dict[str, Any], validate: bool = True) -> TrainConfig:
-    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(raw) - set(known))
-    if unknown:
-        raise InvalidInputError(f"unknown config key(s): {', '.join(unknown)}")
-    values = {k: _typed(k, str(known[k].type), v) for k, v in raw.items()}
-    for key in ("train_data", "val_data"):
-        if key in values and not (isinstance(values[key], list) and all(isinstance(d, str) for d in values[key])):
-            raise InvalidInputError(f"config key {key} must be a list of folders, got {values[key]!r}")
-    for key in ("val_fraction", "lr_milestones", "scale_range"):
-        if values.get(key) is not None:
-            whole = key == "lr_milestones"
-            try:
-                numbers = tuple(float(v) for v in values[key])
-            except (TypeError, ValueError):
-                raise InvalidInputError(f"config key {key} must be a list of numbers, got {values[key]!r}") from None
-            if key != "lr_milestones" and len(numbers) != 2:
-                raise InvalidInputError(f"config key {key} must be two numbers [lo, hi], got {values[key]!r}")
-            if whole and not all(n.is_integer() for n in numbers):
-                raise InvalidInputError(f"config key {key} must be whole epochs, got {values[key]!r}")
-            values[key] = tuple(int(n) for n in numbers) if whole else numbers
-    cfg = TrainConfig(**values)
+    cfg = parse_settings(TrainConfig, raw, "config key")
     if validate:
         cfg.validate()
     return cfg
@@ -222,18 +192,11 @@ def config_from_dict(raw: dict[str, Any], validate: bool = True) -> TrainConfig:
 def load_config(path: str | Path, validate: bool = True) -> TrainConfig:
     """The config in ``path``; ``validate=False`` leaves the check to the caller, for recipes
     whose data folders come from the command line (``own_tissue.yaml``)."""
-    import yaml
-
     path = Path(path)
     if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
         path = REPO_ROOT / path  # `--config training/configs/X.yaml` from any folder, like the data paths
     if not path.is_file():
         raise NotFoundError(f"config {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise InvalidInputError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise InvalidInputError(f"config {path} must be a mapping of keys to values")
+    raw = read_yaml_mapping(path, "config")
     raw.setdefault("name", path.stem)
     return config_from_dict(raw, validate=validate)

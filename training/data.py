@@ -17,9 +17,9 @@ import cv2
 import numpy as np
 import torch
 
+from histosam.backend.atomic import atomic_write
 from histosam.backend.errors import InvalidInputError
 from histosam.backend.patches import PatchRecord, load_patch_dataset
-from histosam.backend.report import atomic_write
 from histosam.backend.splits import in_part, load_splits
 from histosam.backend.transforms import ImageTransform
 from histosam.training.augment import AugParams, apply_aug, identity, sample_aug
@@ -116,7 +116,7 @@ def make_sample(patch: Patch, variant: int, transform: ImageTransform, model_sha
     return Sample(x, gt, valid, key)
 
 
-class EmbeddingCache:
+class EncoderFeatureCache:
     """Frozen-encoder embeddings on disk with an in-memory copy, keyed by signature.
 
     fp16 by default (half the disk and memory; training noise dwarfs the rounding); fp32 for
@@ -163,4 +163,4 @@ def atomic_torch_save(obj, path: Path) -> None:
     """torch.save into a temp file beside ``path``, then rename: never a half-written file.
 
     The file gets the mode a plain open() gives (0o666 & ~umask), not mkstemp's 0o600."""
-    atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
+    atomic_write(Path(path), lambda tmp: torch.save(obj, tmp), durable=True)

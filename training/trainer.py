@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
+from histosam.backend.atomic import atomic_write, write_text
 from histosam.backend.errors import CheckpointError, HistosamError, InvalidInputError
 from histosam.backend.evaluation import (
     EvalConfig,
@@ -41,11 +42,10 @@ from histosam.backend.evaluation import (
     evaluate_predictor,
     select_samples,
 )
-from histosam.backend.report import mkstemp_umask
 from histosam.training.click_simulation import ClickState, box_of, prompt_batch
 from histosam.training.config import TrainConfig, resolve_data_path, resolve_repo_path
 from histosam.training.data import (
-    EmbeddingCache,
+    EncoderFeatureCache,
     Patch,
     Sample,
     atomic_torch_save,
@@ -147,7 +147,7 @@ class CachedTorchPredictor(TorchPredictor):
     time. Decoding (and any trainable encoder-side stem) is the live model's.
     """
 
-    def __init__(self, model: HistoSam, cache: EmbeddingCache, model_sha: str) -> None:
+    def __init__(self, model: HistoSam, cache: EncoderFeatureCache, model_sha: str) -> None:
         super().__init__(model)
         self.cache = cache
         self.model_sha = model_sha
@@ -173,10 +173,7 @@ class CachedTorchPredictor(TorchPredictor):
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = mkstemp_umask(path.parent, suffix=".tmp")  # mode as open() gives, not 0o600
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def summarise_eval(agg: dict[str, Any]) -> dict[str, float | None]:
@@ -232,7 +229,7 @@ class Trainer:
                 h.update(v.detach().cpu().numpy().tobytes())
             base_sha = h.hexdigest()
         self.model_sha = base_sha
-        self.cache = EmbeddingCache(Path(cache_dir or cfg.cache_dir or default_cache_root()))
+        self.cache = EncoderFeatureCache(Path(cache_dir or cfg.cache_dir or default_cache_root()))
         train_recs, held_recs = split_records(cfg)
         self.patches: list[Patch] = load_patches(train_recs, cfg)
         if not self.patches:
@@ -549,25 +546,24 @@ class Trainer:
         keys: list[str] = []
         for row in self.history:
             keys += [k for k in row if k not in keys]
-        fd, tmp = mkstemp_umask(self.out, suffix=".tmp")  # mode as open() gives, not 0o600
-        with os.fdopen(fd, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(self.history)
-        os.replace(tmp, self.out / METRICS)
+        def write(tmp: Path) -> None:
+            with tmp.open("w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(self.history)
+
+        atomic_write(self.out / METRICS, write)
         try:
             self._plot()
         except Exception:  # a plot must never stop a training run
             pass
 
     def _plot(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # not pyplot: the caller's backend stays as it was
 
         ep = [r["epoch"] for r in self.history]
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+        fig = Figure(figsize=(9, 3.5))
+        axes = fig.subplots(1, 2)
         axes[0].plot(ep, [r.get("loss") for r in self.history], "o-")
         axes[0].set_title("training loss (NFL + IoU-head MSE)")
         axes[0].set_xlabel("epoch")
@@ -580,10 +576,7 @@ class Trainer:
         if axes[1].get_legend_handles_labels()[1]:  # no validation yet (val_every > epochs so far)
             axes[1].legend(fontsize=7)
         fig.tight_layout()
-        tmp = self.out / ".metrics.tmp.png"
-        fig.savefig(tmp, dpi=90)
-        plt.close(fig)
-        os.replace(tmp, self.out / "metrics.png")
+        atomic_write(self.out / "metrics.png", lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
 
     def close(self) -> None:
         if self.distributed and dist.is_initialized():

@@ -277,6 +277,7 @@ def click_summary(out: dict[str, Any]) -> str:
 
 
 def _click(client, session, args: argparse.Namespace) -> dict[str, Any]:
+    from histosam.backend.atomic import write_bytes, write_text
     from histosam.backend.errors import NotFoundError
     from histosam.backend.geometry import annotation_feature, feature_collection
 
@@ -295,12 +296,12 @@ def _click(client, session, args: argparse.Namespace) -> dict[str, Any]:
     round_trip = time.perf_counter() - started  # what the user waits: decode + snapping/propagation + wire
     written = []
     if args.mask_out is not None:
-        args.mask_out.write_bytes(result.mask_png)
+        write_bytes(args.mask_out, result.mask_png)
         written.append(str(args.mask_out))
     if args.geojson_out is not None:
         features = [annotation_feature(result.polygons, measurements={"predicted IoU": result.predicted_iou})] \
             if result.polygons else []
-        args.geojson_out.write_text(json.dumps(feature_collection(features)))
+        write_text(args.geojson_out, json.dumps(feature_collection(features)))
         written.append(str(args.geojson_out))
     if args.overlay_out is not None:
         _write_overlay(args, session, result, points)

@@ -8,7 +8,6 @@ patches per second and peak memory.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
@@ -164,8 +163,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"{key}: {value}")
     if args.out:
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_file = out.with_name(f".{out.name}.tmp")
-        tmp_file.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        tmp_file.replace(out)
+        from histosam.backend.atomic import write_json
+
+        write_json(out, result, indent=2)
     return 0

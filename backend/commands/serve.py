@@ -89,33 +89,28 @@ SETTING_FLAGS = (
 )
 
 
-def load_config(path: Path) -> dict[str, Any]:
-    import yaml
+def read_config(path: Path) -> dict[str, Any]:
+    """The settings in a ``--config`` file, paths made relative to the file; their values are
+    checked by ServerSettings (the one settings loader), every mistake in one line."""
+    from histosam.backend.errors import InvalidInputError
+    from histosam.backend.settings_file import read_yaml_mapping
 
-    from histosam.backend.errors import InvalidInputError, NotFoundError
-
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise NotFoundError(f"cannot read config {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise InvalidInputError(f"config {path} is not valid YAML: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise InvalidInputError(f"config {path} must be a mapping of settings")
+    data = read_yaml_mapping(path, "config")
     base = Path(path).resolve().parent
     out: dict[str, Any] = {}
     for key, value in data.items():
         key = str(key).replace("-", "_")
         # Relative paths in a config file are relative to the file, not to the working directory.
+        # (Anything but text is left for ServerSettings to refuse.)
         if key in ("models", "models_dir", "token_file", "tls_cert", "tls_key", "propagation_config",
-                   "edge_snap_config") and value is not None:
-            value = base / Path(str(value)).expanduser()
-        elif key in ("slide_root", "slide_roots") and value is not None:
-            values = [value] if isinstance(value, str) else list(value)
-            value = [base / Path(str(v)).expanduser() for v in values]
+                   "edge_snap_config") and isinstance(value, str):
+            value = base / Path(value).expanduser()
+        elif key in ("slide_root", "slide_roots") and isinstance(value, str | list):
+            values = [value] if isinstance(value, str) else value
+            value = [base / Path(v).expanduser() if isinstance(v, str) else v for v in values]
         if key == "cpu":
+            if not isinstance(value, bool):
+                raise InvalidInputError(f"server setting cpu must be true or false, got {value!r}")
             key, value = "prefer_gpu", not value
         out[key] = value
     return out
@@ -126,7 +121,7 @@ def settings_from_args(args: argparse.Namespace):
 
     merged: dict[str, Any] = {}
     if getattr(args, "config", None) is not None:
-        merged.update(load_config(args.config))
+        merged.update(read_config(args.config))
     for flag in SETTING_FLAGS:
         if hasattr(args, flag):
             merged[flag] = getattr(args, flag)
@@ -140,7 +135,7 @@ def log_level_from_args(args: argparse.Namespace) -> str:
 
     level = getattr(args, "log_level", None)
     if level is None and getattr(args, "config", None) is not None:
-        level = load_config(args.config).get("log_level")
+        level = read_config(args.config).get("log_level")
     level = str(level or "INFO").upper()
     if level not in LOG_LEVELS:
         raise InvalidInputError(f"log-level must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
@@ -176,8 +171,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve(settings) -> int:
-    from histosam.backend.server import SegmentationServer
+    import dataclasses
 
+    from histosam.backend.server import SegmentationServer
+    from histosam.export.cache import default_bundle
+
+    if not settings.bundles and settings.models_dir is None:  # exported here, never by the server
+        settings = dataclasses.replace(settings, bundles=(default_bundle(),))
     server = SegmentationServer(settings)
     stop = threading.Event()
 

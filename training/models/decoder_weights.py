@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from histosam.backend.atomic import atomic_write
 from histosam.backend.errors import CheckpointError
-from histosam.backend.report import atomic_write
 from histosam.training.models.sam_model import HistoSam
 
 PARTS = ("prompt_encoder.", "mask_decoder.")
@@ -41,7 +41,7 @@ def save_decoder_weights(model: HistoSam, path: Path, include_encoder: bool = Fa
     meta.update(extra_metadata or {})
     path = Path(path)
     # Not 0o600 although save_file itself writes through a private temporary file.
-    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta), durable=True)
     return path
 
 
