@@ -48,9 +48,9 @@ def draw_overlay(
 
 def write_png(path: Path, bgr: np.ndarray) -> None:
     """``bgr`` as a PNG at ``path``, written atomically."""
-    from histosam.backend.report import atomic_write
+    from histosam.backend.atomic import write_bytes
 
     ok, buf = cv2.imencode(".png", bgr)
     if not ok:  # pragma: no cover - cv2 encodes any uint8 image
         raise RuntimeError("PNG encoding failed")
-    atomic_write(Path(path), lambda tmp: tmp.write_bytes(buf.tobytes()))
+    write_bytes(Path(path), buf.tobytes())

@@ -481,11 +481,12 @@ class PropagatingPredictor:
             raise InvalidInputError("set_image must be called before predict")
         # An edge-snapping inner predictor snaps only the masks this one keeps (as the server does).
         unsnapped = getattr(self.inner, "predict_unsnapped", None)
+        snap = getattr(self.inner, "snap", None)
         p = (unsnapped or self.inner.predict)(points=points, labels=labels, box=box, mask_logits=mask_logits)
         n = 0 if points is None else len(np.asarray(points).reshape(-1, 2))
 
         def own() -> Prediction:
-            return self.inner.snap(p, points, labels) if unsnapped is not None else p
+            return snap(p, points, labels) if unsnapped is not None and snap is not None else p
 
         if n == 0 or labels is None:
             return own()
