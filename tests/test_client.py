@@ -7,13 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
 import grpc
 import numpy as np
 import pytest
+from serve_helpers import startup_text
 
 from histosam.backend.cli import main as cli_main
 from histosam.backend.client import SegmentationClient
@@ -224,16 +224,7 @@ def test_cli_serve_config_flags_and_sigterm(tiny_bundle, tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     try:
-        lines = []
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "edge snapping" in line:  # the last start-up line
-                break
-        text = "".join(lines)
+        text = startup_text(proc, 60)
         assert "listening on 127.0.0.1:" in text and "CPUExecutionProvider" in text, (text, proc.stderr.read())
         address = text.split("listening on ")[1].split()[0]
         with SegmentationClient(address, timeout=10) as client:

@@ -157,7 +157,7 @@ def test_evaluate_edge_snap_both_runs_each_and_records_the_settings(tiny_bundle,
         cv2.imwrite(str(data / "masks" / f"g{i}.png"), truth.astype(np.uint8) * 255)
     out = tmp_path / "out"
     rc = main(["evaluate", "--model", str(tiny_bundle), "--data", str(data), "--max-clicks", "3", "--out", str(out),
-               "--edge-snap", "both", "--no-progress"])
+               "--edge-snap", "both", "--propagation", "off", "--no-progress"])
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
     keys = sorted(results["runs"])

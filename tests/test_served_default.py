@@ -8,11 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import cv2
 import numpy as np
 import pytest
+from serve_helpers import startup_text
 
 from histosam.backend.clicker import next_click
 from histosam.backend.client import SegmentationClient
@@ -28,15 +28,7 @@ def test_serve_without_options_reports_and_applies_the_chosen_defaults(data_dir,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        lines, deadline = [], time.monotonic() + 600  # a cold cache exports the bundle first
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "edge snapping" in line:  # the last start-up line
-                break
-        text = "".join(lines)
+        text = startup_text(proc, 600)  # a cold cache exports the bundle first
         assert "listening on 127.0.0.1:" in text, (text, proc.stderr.read() if proc.poll() is not None else "")
         assert f"click propagation {SERVED_DEFAULT} by default" in text
         address = text.split("listening on ")[1].split()[0]
