@@ -46,6 +46,7 @@ def test_serve_without_options_reports_and_applies_the_chosen_defaults(data_dir,
             session = client.open_image(image)
             clicks: list = []
             served = np.zeros_like(gt)
+            previous = None
             for _ in range(4):  # RITM clicks on the served masks
                 click = next_click(gt, served, np.zeros_like(gt))
                 clicks.append((float(click.x), float(click.y), click.positive))
@@ -53,7 +54,9 @@ def test_serve_without_options_reports_and_applies_the_chosen_defaults(data_dir,
                 served = reply.mask
                 points = np.array([c[:2] for c in clicks])
                 labels = np.array([int(c[2]) for c in clicks])
-                mine = local.predict(points=points, labels=labels)
+                # the evaluator feeds the model's previous logits back, as the server's history does
+                mine = local.predict(points=points, labels=labels, mask_logits=previous)
+                previous = mine.low_res_logits
                 assert iou(served, mine.mask) > 0.99, len(clicks)
         proc.send_signal(signal.SIGTERM)
         proc.send_signal(signal.SIGTERM)
