@@ -173,9 +173,17 @@ def run(args: argparse.Namespace) -> int:
 def _serve(settings) -> int:
     import dataclasses
 
-    from histosam.backend.server import SegmentationServer
+    from histosam.backend.edge_snap import EdgeSnapSettings
+    from histosam.backend.propagation import PropagationSettings
+    from histosam.backend.server import SegmentationServer, check_tls_pair
     from histosam.export.cache import default_bundle
 
+    # Everything a user may have mistyped is checked before a first start's export (minutes).
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        check_tls_pair(Path(settings.tls_cert), Path(settings.tls_key))
+    settings.resolve_token()
+    PropagationSettings.load(settings.propagation_config)
+    EdgeSnapSettings.load(settings.edge_snap_config)
     if not settings.bundles and settings.models_dir is None:  # exported here, never by the server
         settings = dataclasses.replace(settings, bundles=(default_bundle(),))
     server = SegmentationServer(settings)
