@@ -2,7 +2,7 @@
 
 Torch-free to import: a serving-only install finds the cached bundle here, and only a missing
 one imports the exporter (and torch). It lives in the export layer, not in serving: the server
-itself never exports (histosam.backend.models reads the cache only).
+itself never exports (histosam.backend.serving.model_store reads the cache only).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ def default_bundle(cache_dir: Path | None = None) -> Path:
     """The default model's bundle: from the cache, else exported now (needs the torch extra).
 
     ``histosam serve`` and the serving benchmark call this before they build a server."""
-    from histosam.backend.bundle import MANIFEST
-    from histosam.backend.catalog import cached_bundle_path
-    from histosam.backend.errors import BundleError
+    from histosam.backend.bundles.bundle import MANIFEST
+    from histosam.backend.bundles.catalog import cached_bundle_path
+    from histosam.backend.core.errors import BundleError
 
     target = cached_bundle_path("default", cache_dir=cache_dir)
     if (target / MANIFEST).is_file():

@@ -16,10 +16,14 @@ from typing import Any
 import torch
 
 from histosam.backend import __version__
-from histosam.backend.atomic import atomic_write, staged_dir
-from histosam.backend.bundle import MANIFEST, write_manifest
-from histosam.backend.catalog import BUNDLE_FORMAT, check_recorded_weights, decoder_weights_sha256
-from histosam.backend.errors import HistosamError, ParityError
+from histosam.backend.bundles.bundle import MANIFEST, write_manifest
+from histosam.backend.bundles.catalog import (
+    BUNDLE_FORMAT,
+    check_recorded_weights,
+    decoder_weights_sha256,
+)
+from histosam.backend.core.atomic import atomic_write, staged_dir
+from histosam.backend.core.errors import HistosamError, ParityError
 from histosam.export.onnx_graphs import DECODER_OUTPUTS, DecoderGraph, EncoderGraph
 from histosam.training.models.loading import load_model_from_source
 from histosam.training.models.registry import source_sha256
@@ -159,7 +163,7 @@ def export_bundle(
             "embedding_shape": list(spec.embedding_shape),
             # Mask calibration of these weights (ImageTransform.mask_dilation; 0 for none).
             "mask_dilation": int(source.get("mask_dilation") or 0),
-            # Whether servers snap these weights' mask edges by default (histosam.backend.edge_snap).
+            # Whether servers snap these weights' mask edges by default (histosam.backend.postprocess.edge_snap).
             "edge_snap": bool(source.get("edge_snap")),
             "extra_features": list(spec.extra_features),
             "opset": opset,
@@ -191,9 +195,9 @@ def ensure_bundle(name: str, checkpoint: str | None = None, decoder_weights: str
     """The bundle for a model name, exported into the cache on first use.
 
     The folder name carries a key over the source weights, histosam version and bundle
-    format (histosam.backend.catalog.bundle_key), so stale exports are never reused.
+    format (histosam.backend.bundles.catalog.bundle_key), so stale exports are never reused.
     """
-    from histosam.backend.catalog import cached_bundle_path, resolve_source
+    from histosam.backend.bundles.catalog import cached_bundle_path, resolve_source
 
     target = cached_bundle_path(name, checkpoint, decoder_weights, cache_dir)
     if (target / MANIFEST).is_file():

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from histosam.backend.onnx_predictor import OnnxPredictor
-from histosam.backend.predictor import prompt_arrays
+from histosam.backend.bundles.onnx_predictor import OnnxPredictor
+from histosam.backend.core.predictor import prompt_arrays
 from histosam.training.models.sam_model import HistoSam
 from histosam.training.torch_predictor import TorchPredictor
 

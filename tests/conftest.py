@@ -8,11 +8,14 @@ HISTOSAM_HOME so repeated local runs skip the export).
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Development tools (tools/protogen.py) are not installed; tests import them from the tree.
+sys.path.insert(0, str(REPO / "tools"))
 
 
 def _data_dir() -> Path:

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import tifffile
 
-from histosam.backend.annotations import (
+from histosam.backend.core.errors import InvalidInputError, NotFoundError
+from histosam.backend.wsi.annotations import (
     LabelMaskAnnotations,
     VectorAnnotations,
     load_annotations,
     parse_label_map,
 )
-from histosam.backend.errors import InvalidInputError, NotFoundError
 
 # Level-0 rectangles [x0, x1) x [y0, y1): (class, x0, y0, x1, y1)
 TUMOUR = (100.0, 60.0, 300.0, 220.0)
@@ -240,7 +240,7 @@ def _write_pyramid(path: Path, labels: np.ndarray, factors=(1, 4), channel: int 
 
 
 def test_present_labels_read_a_coarse_level_when_the_mask_is_big_enough(tmp_path, monkeypatch):
-    from histosam.backend import annotations
+    from histosam.backend.wsi import annotations
 
     labels = np.zeros((512, 512), np.uint8)
     labels[100:300, 100:300] = 3

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from histosam.backend.atomic import (
+from histosam.backend.bundles.bundle import MANIFEST, write_manifest
+from histosam.backend.core.atomic import (
     atomic_write,
     is_temporary,
     mkdtemp_umask,
@@ -25,7 +26,6 @@ from histosam.backend.atomic import (
     staged_dir,
     write_json,
 )
-from histosam.backend.bundle import MANIFEST, write_manifest
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
 
@@ -86,7 +86,7 @@ def test_atomic_write_and_report_files_get_the_open_mode(tmp_path, umask):
 
 
 def test_write_report_outputs_are_readable_under_umask_022(tmp_path):
-    from histosam.backend.report import write_report
+    from histosam.backend.evaluation.report import write_report
 
     results = {
         "config": {"data": ["s"], "fraction": [0.2, 0.8], "max_clicks": 3, "target_iou": 0.9,
@@ -239,11 +239,11 @@ def test_durable_writes_fsync_the_data_before_the_rename(tmp_path, monkeypatch):
 
 
 def test_every_writer_goes_through_the_atomic_module():
-    """No module but histosam.backend.atomic renames files into place or makes temporaries:
+    """No module but histosam.backend.core.atomic renames files into place or makes temporaries:
     a writer of its own would again miss the umask, the fsync or the clean-up on failure."""
     own = {"replace", "rename", "mkstemp", "mkdtemp", "NamedTemporaryFile", "mkstemp_umask", "mkdtemp_umask"}
     offenders = []
-    for folder in ("backend", "export", "training"):
+    for folder in ("backend", "export", "training", "benchmarks"):
         for path in sorted((REPO / folder).rglob("*.py")):
             if path.name == "atomic.py":
                 continue

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from histosam.backend.baselines import BASELINES, GrabCutPredictor, RandomWalkerPredictor
-from histosam.backend.errors import InvalidInputError
-from histosam.backend.evaluation import EvalConfig, evaluate_sample, select_samples
-from histosam.backend.metrics import padded_curve
-from histosam.backend.predictor import Predictor
+from histosam.backend.core.errors import InvalidInputError
+from histosam.backend.core.predictor import Predictor
+from histosam.backend.evaluation.baselines import BASELINES, GrabCutPredictor, RandomWalkerPredictor
+from histosam.backend.evaluation.loop import EvalConfig, evaluate_sample, select_samples
+from histosam.backend.evaluation.metrics import padded_curve
 
 
 @pytest.fixture(scope="module")

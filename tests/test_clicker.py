@@ -9,8 +9,13 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.ndimage import distance_transform_edt
 
-from histosam.backend.clicker import Click, next_click, padded_distance, sample_training_click
-from histosam.backend.errors import InvalidInputError
+from histosam.backend.core.errors import InvalidInputError
+from histosam.backend.evaluation.clicker import (
+    Click,
+    next_click,
+    padded_distance,
+    sample_training_click,
+)
 
 
 def brute_force_distance(region: np.ndarray) -> np.ndarray:
@@ -176,7 +181,7 @@ def _predictions(gt: np.ndarray) -> list[np.ndarray]:
 @pytest.mark.slow
 def test_clicks_on_every_shared_patch_set_are_those_of_the_scipy_transform(data_dir):
     """OpenCV's transform gives scipy's distances bit for bit, so every click is the same."""
-    from histosam.backend.evaluation import read_mask
+    from histosam.backend.evaluation.loop import read_mask
 
     sets = sorted(p for p in (data_dir / "patches").iterdir() if (p / "masks").is_dir())
     assert sets

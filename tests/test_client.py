@@ -16,11 +16,11 @@ import pytest
 from serve_helpers import startup_text
 
 from histosam.backend.cli import main as cli_main
-from histosam.backend.client import SegmentationClient
-from histosam.backend.errors import HistosamError, InvalidInputError, NotFoundError
-from histosam.backend.geometry import PolygonXY, polygons_to_mask
-from histosam.backend.models import ModelStore
-from histosam.backend.server import SegmentationServer, ServerSettings
+from histosam.backend.core.errors import HistosamError, InvalidInputError, NotFoundError
+from histosam.backend.core.geometry import PolygonXY, polygons_to_mask
+from histosam.backend.serving.client import SegmentationClient
+from histosam.backend.serving.model_store import ModelStore
+from histosam.backend.serving.server import SegmentationServer, ServerSettings
 from histosam.v1 import segmentation_pb2 as pb
 from histosam.v1 import segmentation_pb2_grpc as pb_grpc
 
@@ -259,7 +259,7 @@ def test_session_ids_never_read_as_command_line_options():
     taken for an option (urlsafe base64 ids did that 1 time in 64)."""
     import numpy as np
 
-    from histosam.backend.sessions import Embedding, Frame, SessionStore
+    from histosam.backend.serving.sessions import Embedding, Frame, SessionStore
 
     store = SessionStore(idle_seconds=60, max_sessions=4096)
     embedding = Embedding({"x": np.zeros(1, np.float32)}, 4, 4)

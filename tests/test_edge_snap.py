@@ -8,15 +8,15 @@ import cv2
 import numpy as np
 import pytest
 
-from histosam.backend.edge_snap import (
+from histosam.backend.bundles.onnx_predictor import OnnxPredictor
+from histosam.backend.core.errors import InvalidInputError, NotFoundError
+from histosam.backend.postprocess.edge_snap import (
     DEFAULT_CONFIG,
     EdgeSnappingPredictor,
     EdgeSnapSettings,
     snap_mask,
     working_lab,
 )
-from histosam.backend.errors import InvalidInputError, NotFoundError
-from histosam.backend.onnx_predictor import OnnxPredictor
 
 H, W = 256, 256  # one low-res pixel = one pixel: the band is ``band`` pixels wide on each side
 
@@ -126,8 +126,8 @@ def test_snapping_predictor_wraps_a_real_bundle(tiny_bundle):
 
 def test_serve_flags_and_config_file_turn_edge_snapping_on(tmp_path):
     from histosam.backend.cli import build_parser
-    from histosam.backend.commands.serve import settings_from_args
-    from histosam.backend.server import ServerSettings
+    from histosam.backend.cli.commands.serve import settings_from_args
+    from histosam.backend.serving.server import ServerSettings
 
     parser = build_parser()
     assert settings_from_args(parser.parse_args(["serve"])).edge_snap == "model"  # as each model's bundle asks

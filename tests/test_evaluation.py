@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 from histosam.backend.cli import build_parser, main
-from histosam.backend.errors import InvalidInputError, NotFoundError
-from histosam.backend.evaluation import (
+from histosam.backend.core.errors import InvalidInputError, NotFoundError
+from histosam.backend.core.predictor import Prediction, Predictor
+from histosam.backend.core.transforms import ImageTransform, mask_to_prompt_logits
+from histosam.backend.evaluation.loop import (
     EvalConfig,
     EvalSample,
     SampleResult,
@@ -26,9 +28,7 @@ from histosam.backend.evaluation import (
     select_samples,
     summarise_run,
 )
-from histosam.backend.predictor import Prediction, Predictor
-from histosam.backend.report import render_table, write_report
-from histosam.backend.transforms import ImageTransform, mask_to_prompt_logits
+from histosam.backend.evaluation.report import render_table, write_report
 
 FRAME = ImageTransform(1024, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
@@ -343,7 +343,7 @@ def test_cli_both_backends_agree_on_a_tiny_bundle(tiny_bundle, data_dir, tmp_pat
 
 
 def test_propagation_words_expand_to_modes_in_a_fixed_order():
-    from histosam.backend.commands.evaluate import propagation_modes
+    from histosam.backend.cli.commands.evaluate import propagation_modes
 
     assert propagation_modes(["off"]) == ["off"]
     assert propagation_modes(["both"]) == ["off", "on"]

@@ -11,10 +11,10 @@ import pytest
 pytest.importorskip("torch")
 import onnxruntime as ort  # noqa: E402
 
-from histosam.backend.bundle import load_bundle  # noqa: E402
+from histosam.backend.bundles.bundle import load_bundle  # noqa: E402
+from histosam.backend.bundles.onnx_predictor import OnnxPredictor  # noqa: E402
 from histosam.backend.cli import main as cli_main  # noqa: E402
-from histosam.backend.errors import BundleError  # noqa: E402
-from histosam.backend.onnx_predictor import OnnxPredictor  # noqa: E402
+from histosam.backend.core.errors import BundleError  # noqa: E402
 from histosam.export.parity import PARITY_SIZES, check_parity, synthetic_image  # noqa: E402
 from histosam.training.torch_predictor import TorchPredictor  # noqa: E402
 

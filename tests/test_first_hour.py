@@ -21,17 +21,17 @@ import pytest
 import tifffile
 
 from histosam.backend.cli import main
-from histosam.backend.client import SegmentationClient
-from histosam.backend.errors import (
+from histosam.backend.core.errors import (
     BundleError,
     InvalidInputError,
     NotFoundError,
     PermissionDeniedError,
 )
-from histosam.backend.image_sources import resolve_slide_path
-from histosam.backend.models import ModelStore
-from histosam.backend.overlay import POSITIVE_BGR
-from histosam.backend.server import SegmentationServer, ServerSettings
+from histosam.backend.evaluation.overlay import POSITIVE_BGR
+from histosam.backend.serving.client import SegmentationClient
+from histosam.backend.serving.image_sources import resolve_slide_path
+from histosam.backend.serving.model_store import ModelStore
+from histosam.backend.serving.server import SegmentationServer, ServerSettings
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "histosam.backend.cli"]
@@ -344,7 +344,7 @@ def test_bench_patches_help_says_out_is_a_json_file(capsys):
 
 
 def test_overview_draws_the_annotation_and_a_legend(tmp_path):
-    from histosam.backend.patches import PatchConfig, extract_patches
+    from histosam.backend.wsi.patches import PatchConfig, extract_patches
 
     slide = tiled_slide(tmp_path / "s.tiff")
     config = PatchConfig(slide=slide, annotations=geojson_rect(tmp_path / "t.geojson", 200, 100, 520, 380),
@@ -434,7 +434,7 @@ def test_every_request_is_logged_with_its_status_and_latency(server, caplog):
 
 def test_the_log_level_comes_from_the_flag_or_the_config_file(tmp_path):
     from histosam.backend.cli import build_parser
-    from histosam.backend.commands.serve import log_level_from_args
+    from histosam.backend.cli.commands.serve import log_level_from_args
 
     config = tmp_path / "serve.yaml"
     config.write_text("log-level: warning\nport: 0\n")

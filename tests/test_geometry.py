@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from histosam.backend.errors import InvalidInputError
-from histosam.backend.geometry import (
+from histosam.backend.core.errors import InvalidInputError
+from histosam.backend.core.geometry import (
     PolygonXY,
     annotation_feature,
     geojson_to_mask,
@@ -227,7 +227,7 @@ def test_valid_polygon_refuses_what_simplification_can_break():
 def test_simplified_polygons_keep_holes_inside_their_exterior_on_real_masks(data_dir):
     """Douglas-Peucker simplifies each ring on its own, which on real masks moves holes across
     their exterior; such a polygon keeps its exact outline, every other one is simplified."""
-    from histosam.backend.evaluation import read_mask
+    from histosam.backend.evaluation.loop import read_mask
 
     changed = 0
     for folder in sorted(p for p in (data_dir / "patches").iterdir() if (p / "masks").is_dir()):

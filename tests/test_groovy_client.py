@@ -23,11 +23,11 @@ import cv2
 import numpy as np
 import pytest
 
-from histosam.backend.client import SegmentationClient
-from histosam.backend.geometry import PolygonXY, polygons_to_mask
-from histosam.backend.models import ModelStore
-from histosam.backend.qupath_install import install_scripts
-from histosam.backend.server import SegmentationServer, ServerSettings
+from histosam.backend.core.geometry import PolygonXY, polygons_to_mask
+from histosam.backend.qupath.install import install_scripts
+from histosam.backend.serving.client import SegmentationClient
+from histosam.backend.serving.model_store import ModelStore
+from histosam.backend.serving.server import SegmentationServer, ServerSettings
 from histosam.v1 import segmentation_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from histosam.backend.metrics import (
+from histosam.backend.evaluation.metrics import (
     error_closed,
     iou,
     miou_per_click,

@@ -65,7 +65,8 @@ def declared_closure() -> set[str]:
 
 def imports_of_tests() -> dict[str, str]:
     """Top-level modules the test files import, outside the standard library and the project."""
-    local = {p.stem for p in TESTS.glob("*.py")} | {"histosam"}
+    # the tests' own helpers, the repository's development tools (tools/protogen.py) and the package
+    local = {p.stem for p in TESTS.glob("*.py")} | {p.stem for p in (TESTS.parent / "tools").glob("*.py")} | {"histosam"}
     found: dict[str, str] = {}
     for path in sorted(TESTS.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):

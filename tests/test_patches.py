@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 import tifffile
 
-import histosam.backend.patches as patches
+import histosam.backend.wsi.patches as patches
 from histosam.backend.cli import main
-from histosam.backend.errors import InvalidInputError, NotFoundError
-from histosam.backend.patches import (
+from histosam.backend.core.errors import InvalidInputError, NotFoundError
+from histosam.backend.wsi.patches import (
     MANIFEST_COLUMNS,
     PatchConfig,
     extract_patches,
     load_patch_dataset,
     staging_dir,
 )
-from histosam.backend.slides import Slide
+from histosam.backend.wsi.slides import Slide
 
 
 def read_manifest(out: Path) -> list[dict[str, str]]:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from histosam.backend.catalog import SERVED_PROPAGATION
-from histosam.backend.errors import InvalidInputError, NotFoundError
-from histosam.backend.onnx_predictor import OnnxPredictor
-from histosam.backend.predictor import Prediction
-from histosam.backend.propagation import (
+from histosam.backend.bundles.catalog import SERVED_PROPAGATION
+from histosam.backend.bundles.onnx_predictor import OnnxPredictor
+from histosam.backend.core.errors import InvalidInputError, NotFoundError
+from histosam.backend.core.predictor import Prediction
+from histosam.backend.core.transforms import LOW_RES, ImageTransform
+from histosam.backend.postprocess.propagation import (
     DEFAULT_CONFIG,
     ImageGraph,
     PropagatingPredictor,
@@ -18,7 +19,6 @@ from histosam.backend.propagation import (
     click_ignored,
     model_confidence,
 )
-from histosam.backend.transforms import LOW_RES, ImageTransform
 
 FRAME = ImageTransform(input_size=256, mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0))
 H, W = 120, 200
@@ -250,8 +250,8 @@ def test_click_ignored_reads_the_mask_a_user_sees():
 
 def test_serve_flags_and_config_file_turn_propagation_on(tmp_path):
     from histosam.backend.cli import build_parser
-    from histosam.backend.commands.serve import settings_from_args
-    from histosam.backend.server import ServerSettings
+    from histosam.backend.cli.commands.serve import settings_from_args
+    from histosam.backend.serving.server import ServerSettings
 
     parser = build_parser()
     assert settings_from_args(parser.parse_args(["serve"])).propagation == SERVED_PROPAGATION
@@ -276,7 +276,7 @@ def test_nested_dissection_order_solves_the_same_system_exactly():
     import scipy.sparse as sp
     from scipy.sparse.linalg import spsolve
 
-    from histosam.backend.propagation import _laplacian, nested_dissection
+    from histosam.backend.postprocess.propagation import _laplacian, nested_dissection
 
     for h, w in ((1, 1), (2, 7), (5, 3), (37, 61), (160, 107)):
         order = nested_dissection(h, w)
@@ -305,7 +305,7 @@ def test_nested_dissection_order_solves_the_same_system_exactly():
 def test_propagation_over_edge_snapping_snaps_only_the_masks_it_keeps():
     """As the server does it: a propagated mask is the walker's (never snapped, and no snap is
     computed for it); a mask auto leaves to the model is the snapped one."""
-    from histosam.backend.edge_snap import EdgeSnappingPredictor, EdgeSnapSettings
+    from histosam.backend.postprocess.edge_snap import EdgeSnappingPredictor, EdgeSnapSettings
 
     class CountingSnapper(EdgeSnappingPredictor):
         snaps = 0

@@ -31,8 +31,7 @@ def _clear_json_names(messages) -> None:
 def test_generated_files_are_not_stale(tmp_path):
     pytest.importorskip("grpc_tools")
     import grpc_tools
-
-    from histosam.backend import protogen
+    import protogen  # tools/protogen.py
 
     fresh = protogen.compile_proto(tmp_path)
     fresh_set = _file_set(fresh["histosam/v1/segmentation.desc"].read_bytes())
@@ -43,7 +42,7 @@ def test_generated_files_are_not_stale(tmp_path):
     embedded.ParseFromString(pb.DESCRIPTOR.serialized_pb)
     fresh_file = next(f for f in fresh_set.file if f.name == "histosam/v1/segmentation.proto")
     _clear_json_names(fresh_file.message_type)  # python gencode leaves out the derived json_name
-    assert embedded == fresh_file, "segmentation.proto changed: run python -m histosam.backend.protogen"
+    assert embedded == fresh_file, "segmentation.proto changed: run python tools/protogen.py"
     # Byte for byte too, when the committed files came from this grpcio-tools version.
     committed_grpc = (PROTO_DIR / "segmentation_pb2_grpc.py").read_text()
     tools_version = getattr(grpc_tools, "__version__", None)

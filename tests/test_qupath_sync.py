@@ -19,28 +19,28 @@ import numpy as np
 import pytest
 
 from histosam.backend.cli import main
-from histosam.backend.errors import InvalidInputError, NotFoundError
-from histosam.backend.geometry import (
+from histosam.backend.core.errors import InvalidInputError, NotFoundError
+from histosam.backend.core.geometry import (
     PolygonXY,
     annotation_feature,
     feature_collection,
     polygons_to_mask,
 )
-from histosam.backend.patches import load_patch_dataset
-from histosam.backend.qupath_install import (
+from histosam.backend.qupath.install import (
     ENTRY_SCRIPTS,
     PLACEHOLDER,
     QUPATH_JARS,
     SETTINGS_FILE,
     install_scripts,
 )
-from histosam.backend.qupath_sync import (
+from histosam.backend.qupath.sync import (
     PREDICTION_NAME,
     is_prediction,
     match_entry,
     merge_predictions_geojson,
     uri_to_path,
 )
+from histosam.backend.wsi.patches import load_patch_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 PANDA = "panda-006f6aa3.tiff"  # 2048 x 7680 level 0
@@ -288,7 +288,7 @@ def test_project_import_and_export_through_paquo(tmp_path, data_dir):  # pragma:
     from paquo.projects import QuPathProject
     from shapely.geometry import Polygon
 
-    from histosam.backend.qupath_sync import (
+    from histosam.backend.qupath.sync import (
         export_patches_from_project,
         import_predictions_into_project,
     )

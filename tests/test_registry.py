@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from histosam.backend.cli import main as cli_main  # noqa: E402
-from histosam.backend.errors import CheckpointError, NotFoundError  # noqa: E402
+from histosam.backend.core.errors import CheckpointError, NotFoundError  # noqa: E402
 from histosam.training.models.registry import REGISTRY, build_model, resolve_source  # noqa: E402
 
 

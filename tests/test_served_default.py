@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from serve_helpers import startup_text
 
-from histosam.backend.clicker import next_click
-from histosam.backend.client import SegmentationClient
-from histosam.backend.propagation import SERVED_DEFAULT
-from histosam.backend.server import PROPAGATION_CHOICES, ServerSettings
+from histosam.backend.evaluation.clicker import next_click
+from histosam.backend.postprocess.propagation import SERVED_DEFAULT
+from histosam.backend.serving.client import SegmentationClient
+from histosam.backend.serving.server import PROPAGATION_CHOICES, ServerSettings
 
 
 @pytest.mark.slow
@@ -70,9 +70,9 @@ def test_serve_without_options_reports_and_applies_the_chosen_defaults(data_dir,
 
 def served_default_predictor():
     """The default bundle as `histosam evaluate --model default` wraps it (snapping, propagation)."""
-    from histosam.backend.commands.evaluate import load_onnx, with_propagation
-    from histosam.backend.edge_snap import EdgeSnappingPredictor, EdgeSnapSettings
-    from histosam.backend.propagation import PropagationSettings
+    from histosam.backend.cli.commands.evaluate import load_onnx, with_propagation
+    from histosam.backend.postprocess.edge_snap import EdgeSnappingPredictor, EdgeSnapSettings
+    from histosam.backend.postprocess.propagation import PropagationSettings
 
     model = load_onnx("default")
     assert model.edge_snap

@@ -23,25 +23,25 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from histosam.backend.catalog import cached_bundle_path
-from histosam.backend.errors import HistosamError, InvalidInputError, NotFoundError
-from histosam.backend.geometry import PolygonXY, mask_to_polygons, polygons_to_mask
-from histosam.backend.models import ModelStore, default_bundle_path
-from histosam.backend.propagation import (
+from histosam.backend.bundles.catalog import cached_bundle_path
+from histosam.backend.core.errors import HistosamError, InvalidInputError, NotFoundError
+from histosam.backend.core.geometry import PolygonXY, mask_to_polygons, polygons_to_mask
+from histosam.backend.postprocess.propagation import (
     ImageGraph,
     PropagationSettings,
     auto_propagates,
     click_ignored,
     model_confidence,
 )
-from histosam.backend.server import (
+from histosam.backend.serving.model_store import ModelStore, default_bundle_path
+from histosam.backend.serving.server import (
     DEFAULT_MIN_AREA,
     SERVICE_NAME,
     SegmentationServer,
     SegmentationServicer,
     ServerSettings,
 )
-from histosam.backend.sessions import Embedding, EmbeddingCache, Frame, SessionStore
+from histosam.backend.serving.sessions import Embedding, EmbeddingCache, Frame, SessionStore
 from histosam.v1 import segmentation_pb2 as pb
 from histosam.v1 import segmentation_pb2_grpc as pb_grpc
 
@@ -682,7 +682,7 @@ def test_default_bundle_path_is_exact_and_torch_free(tmp_path):
     (expected / "manifest.json").write_text("{}")
     assert default_bundle_path(tmp_path) == expected
     code = (
-        "import sys; from pathlib import Path; from histosam.backend.models import default_bundle_path; "
+        "import sys; from pathlib import Path; from histosam.backend.serving.model_store import default_bundle_path; "
         f"p = default_bundle_path(Path({str(tmp_path)!r})); "
         "print('TORCH' if 'torch' in sys.modules else 'NO_TORCH', p)"
     )
@@ -693,7 +693,7 @@ def test_default_bundle_path_is_exact_and_torch_free(tmp_path):
 def test_server_process_never_imports_torch(tiny_bundle, image_png, tmp_path):
     script = f"""
 import sys, grpc
-from histosam.backend.server import SegmentationServer, ServerSettings
+from histosam.backend.serving.server import SegmentationServer, ServerSettings
 from histosam.v1 import segmentation_pb2 as pb, segmentation_pb2_grpc as pb_grpc
 with SegmentationServer(ServerSettings(port=0, bundles=({str(tiny_bundle)!r},), threads=2, ort_threads=1)) as srv:
     with grpc.insecure_channel(srv.address) as ch:
@@ -735,8 +735,8 @@ def test_slide_region_comes_back_in_level0_coordinates(stub, server, data_dir):
     relative = pb.SlideRegion(slide_path=CMU, x=500, y=600, width=1024, height=1024, downsample=4)
     again = stub.OpenImage(pb.OpenImageRequest(slide_region=relative), timeout=120)
     assert again.cache_hit
-    # The pixels are the slide's: the region read through histosam.backend.slides.
-    from histosam.backend.slides import open_slide
+    # The pixels are the slide's: the region read through histosam.backend.wsi.slides.
+    from histosam.backend.wsi.slides import open_slide
 
     with open_slide(slide) as s:
         rgb = s.read_region(500, 600, 1024, 1024, downsample=4)
@@ -882,7 +882,7 @@ def test_edge_snapping_follows_the_bundle_unless_the_server_says_on_or_off(model
     import json
     import shutil
 
-    from histosam.backend.edge_snap import EdgeSnapSettings, snap_mask, working_lab
+    from histosam.backend.postprocess.edge_snap import EdgeSnapSettings, snap_mask, working_lab
 
     img = synthetic_image()
     points = np.array([[100.0, 100.0], [250.0, 120.0]])

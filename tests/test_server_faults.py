@@ -24,12 +24,12 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from histosam.backend import server as server_module
-from histosam.backend.client import SegmentationClient
-from histosam.backend.errors import BundleError, InvalidInputError, ResourceLimitError
-from histosam.backend.image_sources import decode_image
-from histosam.backend.models import LoadedModel, ModelStore
-from histosam.backend.server import SERVICE_NAME, SegmentationServer, ServerSettings
+from histosam.backend.core.errors import BundleError, InvalidInputError, ResourceLimitError
+from histosam.backend.serving import server as server_module
+from histosam.backend.serving.client import SegmentationClient
+from histosam.backend.serving.image_sources import decode_image
+from histosam.backend.serving.model_store import LoadedModel, ModelStore
+from histosam.backend.serving.server import SERVICE_NAME, SegmentationServer, ServerSettings
 from histosam.v1 import segmentation_pb2 as pb
 from histosam.v1 import segmentation_pb2_grpc as pb_grpc
 

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from histosam.backend.models import ModelStore
-from histosam.backend.server import SegmentationServer, ServerSettings
+from histosam.backend.serving.model_store import ModelStore
+from histosam.backend.serving.server import SegmentationServer, ServerSettings
 from histosam.v1 import segmentation_pb2 as pb
 from histosam.v1 import segmentation_pb2_grpc as pb_grpc
 

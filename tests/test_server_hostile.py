@@ -30,10 +30,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from histosam.backend.geometry import PolygonXY, polygons_to_mask
-from histosam.backend.models import ModelStore
-from histosam.backend.server import SegmentationServer, ServerSettings
-from histosam.backend.sessions import HISTORY_LIMIT
+from histosam.backend.core.geometry import PolygonXY, polygons_to_mask
+from histosam.backend.serving.model_store import ModelStore
+from histosam.backend.serving.server import SegmentationServer, ServerSettings
+from histosam.backend.serving.sessions import HISTORY_LIMIT
 from histosam.v1 import segmentation_pb2 as pb
 from histosam.v1 import segmentation_pb2_grpc as pb_grpc
 

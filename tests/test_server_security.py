@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from histosam.backend.client import SegmentationClient
-from histosam.backend.errors import NotFoundError, PermissionDeniedError
-from histosam.backend.image_sources import resolve_slide_path
-from histosam.backend.models import ModelStore
-from histosam.backend.server import (
+from histosam.backend.core.errors import NotFoundError, PermissionDeniedError
+from histosam.backend.serving.client import SegmentationClient
+from histosam.backend.serving.image_sources import resolve_slide_path
+from histosam.backend.serving.model_store import ModelStore
+from histosam.backend.serving.server import (
     SERVICE_NAME,
     SegmentationServer,
     ServerSettings,
@@ -71,7 +71,7 @@ def _non_loopback_ipv4() -> str | None:
 
 def test_loopback_by_default(models):
     from histosam.backend.cli import build_parser
-    from histosam.backend.commands.serve import settings_from_args
+    from histosam.backend.cli.commands.serve import settings_from_args
 
     assert ServerSettings().host == "127.0.0.1"
     args = build_parser().parse_args(["serve"])
@@ -120,7 +120,7 @@ def test_every_rpc_but_health_needs_the_bearer_token(models, tmp_path):
 
 def test_the_token_is_compared_in_constant_time():
     """hmac.compare_digest, never ==: the source of the check says so, and it works."""
-    source = ast.parse((BACKEND / "server.py").read_text())
+    source = ast.parse((BACKEND / "serving" / "server.py").read_text())
     interceptor = next(n for n in ast.walk(source) if isinstance(n, ast.ClassDef) and n.name == "TokenInterceptor")
     calls = {ast.unparse(n.func) for n in ast.walk(interceptor) if isinstance(n, ast.Call)}
     assert "hmac.compare_digest" in calls

@@ -63,7 +63,7 @@ def test_serving_install_serves_the_cached_default_bundle(tmp_path, data_dir):
     import grpc
     import numpy as np
 
-    from histosam.backend.catalog import cached_bundle_path
+    from histosam.backend.bundles.catalog import cached_bundle_path
     from histosam.export.exporter import ensure_bundle
     from histosam.v1 import segmentation_pb2 as pb
     from histosam.v1 import segmentation_pb2_grpc as pb_grpc
@@ -107,8 +107,8 @@ def test_the_serving_path_imports_only_core_dependencies(tiny_bundle, tmp_path):
     allowed = {re.split(r"[<>=!~\[ ]", d, maxsplit=1)[0].lower().replace("_", "-") for d in core}
     script = f"""
 import sys, importlib.metadata as md
-import histosam.backend.commands.serve
-from histosam.backend.server import SegmentationServer, ServerSettings
+import histosam.backend.cli.commands.serve
+from histosam.backend.serving.server import SegmentationServer, ServerSettings
 with SegmentationServer(ServerSettings(port=0, bundles=({str(tiny_bundle)!r},), threads=2, ort_threads=1)):
     pass
 dists = md.packages_distributions()

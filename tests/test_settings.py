@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 
 from histosam.backend.cli import main
-from histosam.backend.edge_snap import EdgeSnapSettings
-from histosam.backend.errors import InvalidInputError
-from histosam.backend.propagation import PropagationSettings
-from histosam.backend.server import ServerSettings
+from histosam.backend.core.errors import InvalidInputError
+from histosam.backend.postprocess.edge_snap import EdgeSnapSettings
+from histosam.backend.postprocess.propagation import PropagationSettings
+from histosam.backend.serving.server import ServerSettings
 from histosam.training.config import config_from_dict
 
 CASES = [

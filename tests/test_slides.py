@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from histosam.backend.errors import InvalidInputError, NotFoundError, ResourceLimitError
-from histosam.backend.slides import Slide, mpp_from_properties, nominal_magnification
+from histosam.backend.core.errors import InvalidInputError, NotFoundError, ResourceLimitError
+from histosam.backend.wsi.slides import Slide, mpp_from_properties, nominal_magnification
 
 LEVEL_COLOURS = [(200, 60, 120), (60, 160, 90), (40, 70, 200)]
 
@@ -99,7 +99,7 @@ def test_large_reads_are_done_block_by_block(tmp_path, monkeypatch):
     base = gradient_image(256, 320)
     s = Slide(write_pyramid(tmp_path / "blocks.tiff", [base], mpp=0.5))
     whole = s.read_scaled(0, 0, 320, 256, 1.0)
-    import histosam.backend.slides as slides
+    import histosam.backend.wsi.slides as slides
 
     monkeypatch.setattr(slides, "MAX_BLOCK_PIXELS", 64 * 64)  # force many blocks
     assert np.array_equal(s.read_scaled(0, 0, 320, 256, 1.0), whole)

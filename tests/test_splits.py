@@ -1,4 +1,4 @@
-"""Training / validation splits of the shared patch sets, by source image (backend/splits.py)."""
+"""Training / validation splits of the shared patch sets, by source image (backend/evaluation/splits.py)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from histosam.backend.errors import InvalidInputError
-from histosam.backend.evaluation import select_samples
-from histosam.backend.patches import load_patch_dataset
-from histosam.backend.splits import load_splits, select_part
+from histosam.backend.core.errors import InvalidInputError
+from histosam.backend.evaluation.loop import select_samples
+from histosam.backend.evaluation.splits import load_splits, select_part
+from histosam.backend.wsi.patches import load_patch_dataset
 
 
 def test_no_source_image_is_on_both_sides(data_dir):

@@ -58,8 +58,8 @@ def test_a_missing_training_folder_is_one_line_and_a_nonzero_exit(tmp_path, caps
 
 def test_own_tissue_recipe_trains_on_the_shipped_default_and_exports(tmp_path, monkeypatch):
     """The README's fine-tune workflow with the real LiteMedSAM and the shipped weights, one step."""
+    from histosam.backend.bundles.onnx_predictor import OnnxPredictor
     from histosam.backend.cli import main
-    from histosam.backend.onnx_predictor import OnnxPredictor
 
     monkeypatch.setenv("HISTOSAM_HOME", str(tmp_path / "home"))  # embedding cache
     recipe = Path(__file__).resolve().parents[1] / "training" / "configs" / "own_tissue.yaml"

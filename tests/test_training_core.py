@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 
 from training_helpers import tiny_config, write_blob_dataset  # noqa: E402
 
-from histosam.backend.errors import InvalidInputError, NotFoundError  # noqa: E402
+from histosam.backend.core.errors import InvalidInputError, NotFoundError  # noqa: E402
 from histosam.training.augment import apply_aug, identity, sample_aug  # noqa: E402
 from histosam.training.click_simulation import ClickState, prompt_batch  # noqa: E402
 from histosam.training.config import config_from_dict, load_config  # noqa: E402

@@ -21,7 +21,7 @@ def _image(seed: int = 0) -> np.ndarray:
 
 
 def _agree(model, bundle, n_clicks: int = 3) -> float:
-    from histosam.backend.onnx_predictor import OnnxPredictor
+    from histosam.backend.bundles.onnx_predictor import OnnxPredictor
     from histosam.training.torch_predictor import TorchPredictor
 
     tp, op = TorchPredictor(model), OnnxPredictor.from_bundle(bundle)
@@ -91,7 +91,7 @@ def test_refine_variants_onnx_parity_on_tiny_sizes(tmp_path, tiny_model, cfg):
 
 
 def test_unknown_variant_is_a_clear_error(tiny_model):
-    from histosam.backend.errors import CheckpointError
+    from histosam.backend.core.errors import CheckpointError
     from histosam.training.models.decoders import build_decoder
 
     with pytest.raises(CheckpointError, match="unknown decoder variant"):
@@ -149,7 +149,7 @@ def test_click_disk_mode_reaches_the_dense_prompt_survives_saving_and_exports(tm
 def test_export_names_a_fine_tune_after_its_folder_unless_told(tmp_path, tiny_model, capsys):
     """A fine-tune must not be served under its base model's name (QuPath's `model =` picks by name)."""
     from histosam.backend.cli import main
-    from histosam.backend.models import ModelStore
+    from histosam.backend.serving.model_store import ModelStore
     from histosam.training.models.decoder_weights import save_decoder_weights
 
     weights = save_decoder_weights(tiny_model, tmp_path / "best.safetensors")

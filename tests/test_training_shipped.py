@@ -25,10 +25,10 @@ def test_default_model_is_a_shipped_fine_tune_with_its_weights():
     # The mask calibration belongs to the shipped file: other decoder weights get none.
     assert source["mask_dilation"] == 1 and registry.resolve_source("lite_medsam")["mask_dilation"] == 0
     assert registry.resolve_source("default", decoder_weights=str(path))["mask_dilation"] == 0
-    # So does edge snapping (histosam.backend.edge_snap): measured for this file, on where it is served.
+    # So does edge snapping (histosam.backend.postprocess.edge_snap): measured for this file, on where it is served.
     assert source["edge_snap"] is True and registry.resolve_source("lite_medsam")["edge_snap"] is False
     assert registry.resolve_source("default", decoder_weights=str(path))["edge_snap"] is False
-    from histosam.backend.catalog import bundle_key
+    from histosam.backend.bundles.catalog import bundle_key
 
     assert bundle_key(source) != bundle_key({**source, "edge_snap": False})  # a new export, not a stale one
 
@@ -66,8 +66,8 @@ def test_evaluate_loads_the_default_and_shipped_names_on_the_torch_side():
 def test_recorded_sha256s_match_the_files_and_a_changed_file_is_refused(tmp_path):
     """The cache key trusts the recorded sha256s (a serving install has no files to hash), so
     they must be the files' own, and an export from a changed file is refused."""
-    from histosam.backend import catalog
-    from histosam.backend.errors import CheckpointError
+    from histosam.backend.bundles import catalog
+    from histosam.backend.core.errors import CheckpointError
 
     for name, path in registry.shipped_models().items():
         assert registry.file_sha256(path) == catalog.SHIPPED_SHA256[name]

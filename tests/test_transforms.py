@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from histosam.backend.errors import InvalidInputError
-from histosam.backend.predictor import prompt_arrays
-from histosam.backend.transforms import ImageTransform, preprocess_shape, validate_rgb
+from histosam.backend.core.errors import InvalidInputError
+from histosam.backend.core.predictor import prompt_arrays
+from histosam.backend.core.transforms import ImageTransform, preprocess_shape, validate_rgb
 
 SAM = ImageTransform(1024, (123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
 LITE = ImageTransform(256, (0.0, 0.0, 0.0), (255.0, 255.0, 255.0))
@@ -78,7 +78,7 @@ def test_prompt_arrays_padding_box_and_errors():
 
 
 def test_mask_dilation_grows_the_mask_by_whole_low_res_pixels_and_leaves_the_logits():
-    from histosam.backend.transforms import LOW_RES
+    from histosam.backend.core.transforms import LOW_RES
 
     low = np.full((LOW_RES, LOW_RES), -5.0, np.float32)
     low[100:140, 60:90] = 5.0

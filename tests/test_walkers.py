@@ -18,13 +18,13 @@ import grpc
 import numpy as np
 import pytest
 
-from histosam.backend.clicker import next_click
-from histosam.backend.edge_snap import EdgeSnapSettings, snap_mask, working_lab
-from histosam.backend.errors import InvalidInputError
-from histosam.backend.models import ModelStore
-from histosam.backend.propagation import ImageGraph, PropagationSettings
-from histosam.backend.server import SegmentationServer, ServerSettings, click_concurrency
-from histosam.backend.transforms import ImageTransform
+from histosam.backend.core.errors import InvalidInputError
+from histosam.backend.core.transforms import ImageTransform
+from histosam.backend.evaluation.clicker import next_click
+from histosam.backend.postprocess.edge_snap import EdgeSnapSettings, snap_mask, working_lab
+from histosam.backend.postprocess.propagation import ImageGraph, PropagationSettings
+from histosam.backend.serving.model_store import ModelStore
+from histosam.backend.serving.server import SegmentationServer, ServerSettings, click_concurrency
 from histosam.v1 import segmentation_pb2 as pb
 from histosam.v1 import segmentation_pb2_grpc as pb_grpc
 

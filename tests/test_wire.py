@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from histosam.backend.geometry import PolygonXY, mask_to_polygons
-from histosam.backend.wire import EncodedReply, encode_polygons, serialize_reply
+from histosam.backend.core.geometry import PolygonXY, mask_to_polygons
+from histosam.backend.serving.wire import EncodedReply, encode_polygons, serialize_reply
 from histosam.v1 import segmentation_pb2 as pb
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from histosam.backend.clicker import next_click, sample_training_click
+from histosam.backend.evaluation.clicker import next_click, sample_training_click
 
 LOW = 256
 

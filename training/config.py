@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 
 from pydantic import ConfigDict
 
-from histosam.backend.errors import InvalidInputError, NotFoundError
-from histosam.backend.settings_file import (
+from histosam.backend.core.errors import InvalidInputError, NotFoundError
+from histosam.backend.core.settings import (
     STRICT_CONFIG,
     Epochs,
     Flag,
@@ -39,7 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @dataclass
 class TrainConfig:
     """Every knob of a training run; values from a file are checked by the one settings loader
-    (histosam.backend.settings_file): typed, unknown keys refused, one line per mistake."""
+    (histosam.backend.core.settings): typed, unknown keys refused, one line per mistake."""
 
     __pydantic_config__: ClassVar[ConfigDict] = STRICT_CONFIG
 

@@ -17,11 +17,11 @@ import cv2
 import numpy as np
 import torch
 
-from histosam.backend.atomic import atomic_write
-from histosam.backend.errors import InvalidInputError
-from histosam.backend.patches import PatchRecord, load_patch_dataset
-from histosam.backend.splits import in_part, load_splits
-from histosam.backend.transforms import ImageTransform
+from histosam.backend.core.atomic import atomic_write
+from histosam.backend.core.errors import InvalidInputError
+from histosam.backend.core.transforms import ImageTransform
+from histosam.backend.evaluation.splits import in_part, load_splits
+from histosam.backend.wsi.patches import PatchRecord, load_patch_dataset
 from histosam.training.augment import AugParams, apply_aug, identity, sample_aug
 from histosam.training.config import TrainConfig, resolve_data_path
 
@@ -154,7 +154,7 @@ class EncoderFeatureCache:
 
 
 def default_cache_root() -> Path:
-    from histosam.backend.catalog import histosam_home
+    from histosam.backend.bundles.catalog import histosam_home
 
     return histosam_home() / "embeddings"
 

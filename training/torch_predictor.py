@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from histosam.backend.predictor import Prediction, prompt_arrays
-from histosam.backend.transforms import LOW_RES, ImageTransform, validate_rgb
+from histosam.backend.core.predictor import Prediction, prompt_arrays
+from histosam.backend.core.transforms import LOW_RES, ImageTransform, validate_rgb
 from histosam.training.models.sam_model import HistoSam
 
 
@@ -30,7 +30,7 @@ class TorchPredictor:
         self._features: dict[str, torch.Tensor] | None = None
         self._hw: tuple[int, int] | None = None
         self.last_encode_seconds = 0.0
-        # Whether these weights' masks are edge-snapped where they are served (histosam.backend.edge_snap);
+        # Whether these weights' masks are edge-snapped where they are served (histosam.backend.postprocess.edge_snap);
         # the evaluator applies it, as it does for the ONNX bundle.
         self.edge_snap = False
 
@@ -48,7 +48,7 @@ class TorchPredictor:
             predictor = cls(model, name=source["model"], mask_dilation=int(manifest.get("mask_dilation", 0)))
             predictor.edge_snap = bool(manifest.get("edge_snap", False))
             return predictor
-        from histosam.backend.catalog import resolve_source
+        from histosam.backend.bundles.catalog import resolve_source
 
         # Base models, shipped fine-tunes and "default" resolve the same way as for export/serve.
         source = resolve_source(model_or_bundle, checkpoint, decoder_weights)

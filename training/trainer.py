@@ -4,7 +4,7 @@ Per batch: a random interior first click (optionally a box), then 0..K correctio
 without gradients, each clicking on the error of the previous prediction with the previous
 low-res logits as the mask prompt, then one forward with gradients on which the loss is taken
 (``loss_every_round`` takes it on every round instead). Validation runs the evaluator's own
-loop (``histosam.backend.evaluation``: the RITM clicks of ``histosam evaluate``) so the NoC
+loop (``histosam.backend.evaluation.loop``: the RITM clicks of ``histosam evaluate``) so the NoC
 selecting the best checkpoint is the number users will measure. Ties (on hard tissue every
 sample can sit at the click limit, NoC = max) go to the higher mIoU at the last validated
 click, so ``best`` is not simply the first epoch validated.
@@ -33,9 +33,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
-from histosam.backend.atomic import atomic_write, write_text
-from histosam.backend.errors import CheckpointError, HistosamError, InvalidInputError
-from histosam.backend.evaluation import (
+from histosam.backend.core.atomic import atomic_write, write_text
+from histosam.backend.core.errors import CheckpointError, HistosamError, InvalidInputError
+from histosam.backend.evaluation.loop import (
     EvalConfig,
     EvalSample,
     aggregate,
@@ -154,7 +154,7 @@ class CachedTorchPredictor(TorchPredictor):
 
     @torch.inference_mode()
     def set_image(self, image: np.ndarray) -> None:
-        from histosam.backend.transforms import validate_rgb
+        from histosam.backend.core.transforms import validate_rgb
 
         image = validate_rgb(image)
         start = time.perf_counter()
@@ -337,7 +337,7 @@ class Trainer:
 
     @property
     def transform(self):
-        from histosam.backend.transforms import ImageTransform
+        from histosam.backend.core.transforms import ImageTransform
 
         spec = self.model.spec
         return ImageTransform(spec.input_size, spec.mean, spec.std)

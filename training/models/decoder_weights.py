@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from histosam.backend.atomic import atomic_write
-from histosam.backend.errors import CheckpointError
+from histosam.backend.core.atomic import atomic_write
+from histosam.backend.core.errors import CheckpointError
 from histosam.training.models.sam_model import HistoSam
 
 PARTS = ("prompt_encoder.", "mask_decoder.")

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from histosam.backend.errors import CheckpointError
+from histosam.backend.core.errors import CheckpointError
 from histosam.training.models.sam_model import HistoSam, run_two_way
 
 VARIANTS = ("refine", "refine_lite", "refine_hq")

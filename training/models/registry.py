@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from histosam.backend.catalog import (  # noqa: F401  (re-exported: one import site for training code)
+from histosam.backend.bundles.catalog import (  # noqa: F401  (re-exported: one import site for training code)
     DEFAULT_MODEL,
     SHIPPED,
     lite_medsam_weights,
@@ -23,13 +23,13 @@ from histosam.backend.catalog import (  # noqa: F401  (re-exported: one import s
     shipped_dir,
     shipped_models,
 )
-from histosam.backend.catalog import sha256_file as file_sha256  # noqa: F401
-from histosam.backend.catalog import weights_sha256 as source_sha256  # noqa: F401
-from histosam.backend.errors import CheckpointError, NotFoundError
+from histosam.backend.bundles.catalog import sha256_file as file_sha256  # noqa: F401
+from histosam.backend.bundles.catalog import weights_sha256 as source_sha256  # noqa: F401
+from histosam.backend.core.errors import CheckpointError, NotFoundError
 from histosam.training.models.sam_model import HistoSam, ModelSpec
 
 # The shipped fine-tunes' folder (training/weights). Shipped names and the default model are
-# declared in histosam.backend.catalog (torch-free, so the server can resolve them).
+# declared in histosam.backend.bundles.catalog (torch-free, so the server can resolve them).
 SHIPPED_DIR = shipped_dir()
 SAM_MEAN = (123.675, 116.28, 103.53)
 SAM_STD = (58.395, 57.12, 57.375)

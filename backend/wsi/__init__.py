@@ -1,0 +1,1 @@
+"""Layer 1: whole-slide images: slides, annotations, patch extraction. Imports only its own and lower layers (tests/test_layers.py)."""
