@@ -51,6 +51,14 @@ def tiny_bundle(tmp_path_factory, tiny_model) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def models(tiny_bundle):
+    """The tiny bundle loaded as a server's model store (one onnxruntime thread)."""
+    from histosam.backend.serving.model_store import ModelStore
+
+    return ModelStore.load([tiny_bundle], threads=1)
+
+
 @pytest.fixture(scope="session")
 def lite_bundle() -> Path:
     """The real LiteMedSAM bundle (zero-shot weights), exported with its parity check."""

@@ -19,7 +19,6 @@ from histosam.backend.cli import main as cli_main
 from histosam.backend.core.errors import HistosamError, InvalidInputError, NotFoundError
 from histosam.backend.core.geometry import PolygonXY, polygons_to_mask
 from histosam.backend.serving.client import SegmentationClient
-from histosam.backend.serving.model_store import ModelStore
 from histosam.backend.serving.server import SegmentationServer, ServerSettings
 from histosam.v1 import segmentation_pb2 as pb
 from histosam.v1 import segmentation_pb2_grpc as pb_grpc
@@ -32,11 +31,6 @@ def synthetic_rgb(h: int = 240, w: int = 320) -> np.ndarray:
     cv2.circle(img, (160, 120), 60, (150, 40, 120), -1)
     cv2.rectangle(img, (20, 20), (80, 70), (60, 90, 160), -1)
     return img
-
-
-@pytest.fixture(scope="module")
-def models(tiny_bundle) -> ModelStore:
-    return ModelStore.load([tiny_bundle], threads=1)
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,6 @@ from histosam.backend.core.errors import (
 from histosam.backend.evaluation.overlay import POSITIVE_BGR
 from histosam.backend.serving.client import SegmentationClient
 from histosam.backend.serving.image_sources import resolve_slide_path
-from histosam.backend.serving.model_store import ModelStore
 from histosam.backend.serving.server import SegmentationServer, ServerSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,11 +58,6 @@ def synthetic_rgb(h: int = 240, w: int = 320) -> np.ndarray:
     img = np.full((h, w, 3), 225, np.uint8)
     cv2.circle(img, (w // 2, h // 2), min(h, w) // 4, (150, 40, 120), -1)
     return img
-
-
-@pytest.fixture(scope="module")
-def models(tiny_bundle) -> ModelStore:
-    return ModelStore.load([tiny_bundle], threads=1)
 
 
 @pytest.fixture(scope="module")

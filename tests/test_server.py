@@ -94,11 +94,6 @@ def pts(*xy_pos) -> list[pb.Point]:
 
 
 @pytest.fixture(scope="module")
-def models(tiny_bundle) -> ModelStore:
-    return ModelStore.load([tiny_bundle], threads=1)
-
-
-@pytest.fixture(scope="module")
 def slide_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("slide_root")
     outside = root.parent / "outside.svs"

@@ -70,11 +70,6 @@ def free_port() -> int:
 CLICK = [pb.Point(x=60, y=70, positive=True), pb.Point(x=150, y=120, positive=False)]
 
 
-@pytest.fixture(scope="module")
-def models(tiny_bundle) -> ModelStore:
-    return ModelStore.load([tiny_bundle], threads=1)
-
-
 def test_cancelled_and_abandoned_calls_leave_the_server_serving(models):
     with SegmentationServer(ServerSettings(port=0, threads=4), models=models) as srv, \
             grpc.insecure_channel(srv.address) as channel:

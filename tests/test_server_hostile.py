@@ -31,7 +31,6 @@ import pytest
 import tifffile
 
 from histosam.backend.core.geometry import PolygonXY, polygons_to_mask
-from histosam.backend.serving.model_store import ModelStore
 from histosam.backend.serving.server import SegmentationServer, ServerSettings
 from histosam.backend.serving.sessions import HISTORY_LIMIT
 from histosam.v1 import segmentation_pb2 as pb
@@ -72,11 +71,6 @@ def zigzag(n: int, w: int, h: int) -> pb.Polygon:
 def circle_polygon(cx: float, cy: float, r: float, n: int) -> pb.Polygon:
     t = np.linspace(0, 2 * np.pi, n, endpoint=False)
     return pb.Polygon(exterior=np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], 1).ravel().tolist())
-
-
-@pytest.fixture(scope="module")
-def models(tiny_bundle) -> ModelStore:
-    return ModelStore.load([tiny_bundle], threads=1)
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from histosam.backend.core.errors import NotFoundError, PermissionDeniedError
 from histosam.backend.serving.client import SegmentationClient
 from histosam.backend.serving.image_sources import resolve_slide_path
-from histosam.backend.serving.model_store import ModelStore
 from histosam.backend.serving.server import (
     SERVICE_NAME,
     SegmentationServer,
@@ -48,11 +47,6 @@ def code_of(call, request, **kwargs) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as info:
         call(request, timeout=20, **kwargs)
     return info.value.code(), info.value.details()
-
-
-@pytest.fixture(scope="module")
-def models(tiny_bundle) -> ModelStore:
-    return ModelStore.load([tiny_bundle], threads=1)
 
 
 # --------------------------------------------------------------------------- network
