@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from histosam.backend.core.atomic import atomic_write, write_json
+from histosam.backend.evaluation.metrics import iou
 
 LISTENING = re.compile(r"listening on (\S+)")
 
@@ -118,11 +119,6 @@ class ClientLog:
     open_seconds: float = 0.0
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
-
-
 def click_like_the_evaluator(target: str, rgb: np.ndarray, gt: np.ndarray, clicks: int, max_points: int,
                              start: threading.Barrier, log: ClientLog, progress) -> None:
     """One client: open its image, then ``clicks`` Click calls placed by the RITM rule."""
@@ -163,11 +159,33 @@ def click_like_the_evaluator(target: str, rgb: np.ndarray, gt: np.ndarray, click
             log.finished_at.append(t1)
             log.reopens += int(result.reopened)
             pred = result.mask
-            log.ious.append(_iou(pred, gt))
+            log.ious.append(iou(pred, gt))
             progress.update(1)
 
 
 # --------------------------------------------------------------------------- server process
+
+
+def run_clients(target: str, pairs, clicks: int, max_points: int, desc: str) -> tuple[list[ClientLog], float, float]:
+    """One honest client thread per (name, rgb, gt) pair, clicking together once all have opened.
+
+    Returns the clients' logs and the click phase's start and end (``time.perf_counter``).
+    """
+    from tqdm import tqdm
+
+    logs = [ClientLog() for _ in pairs]
+    start = threading.Barrier(len(pairs) + 1)
+    with tqdm(total=len(pairs) * clicks, desc=desc, unit="click") as progress:
+        threads = [threading.Thread(target=click_like_the_evaluator,
+                                    args=(target, rgb, gt, clicks, max_points, start, log, progress))
+                   for (_, rgb, gt), log in zip(pairs, logs, strict=True)]
+        for t in threads:
+            t.start()
+        start.wait()
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join()
+        return logs, t0, time.perf_counter()
 
 
 class ServerProcess:
@@ -235,7 +253,6 @@ def _percentiles(values_s: list[float]) -> dict[str, float]:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
 
     from histosam.backend.core.errors import InvalidInputError
     from histosam.backend.serving.client import SegmentationClient
@@ -272,22 +289,7 @@ def run_bench(args: argparse.Namespace) -> int:
             info = probe.info()
         rss_ready = server.status_kib("VmRSS") * 1024
         server.start_sampling()
-        logs = [ClientLog() for _ in pairs]
-        start = threading.Barrier(len(pairs) + 1)
-        max_points = int(info.limits.max_points)
-        with tqdm(total=len(pairs) * args.clicks, desc="clicks", unit="click") as progress:
-            threads = [
-                threading.Thread(target=click_like_the_evaluator,
-                                 args=(target, rgb, gt, args.clicks, max_points, start, log, progress))
-                for (_, rgb, gt), log in zip(pairs, logs, strict=True)
-            ]
-            for t in threads:
-                t.start()
-            start.wait()
-            t_start = time.perf_counter()
-            for t in threads:
-                t.join()
-            t_end = time.perf_counter()
+        logs, t_start, t_end = run_clients(target, pairs, args.clicks, int(info.limits.max_points), "clicks")
         with SegmentationClient(target, timeout=60) as probe:
             after = probe.info()
         peak_rss = server.status_kib("VmHWM") * 1024
@@ -495,10 +497,6 @@ def hostile_client(target: str, rgb: np.ndarray, max_points: int, stop: threadin
 
 def _honest_phase(target: str, pairs, clicks: int, max_points: int, hostile: tuple | None) -> dict[str, Any]:
     """The honest clients' click phase, with the hostile client attacking throughout or not."""
-    from tqdm import tqdm
-
-    logs = [ClientLog() for _ in pairs]
-    start = threading.Barrier(len(pairs) + 1)
     stop = threading.Event()
     counts: dict[str, int] = {}
     attacker = None
@@ -508,17 +506,8 @@ def _honest_phase(target: str, pairs, clicks: int, max_points: int, hostile: tup
                                     args=(target, rgb, max_points, stop, counts, threading.Lock(), seed))
         attacker.start()
         time.sleep(1.0)  # the attack is under way before the honest clients start
-    with tqdm(total=len(pairs) * clicks, desc="hostile" if hostile else "calm", unit="click") as progress:
-        threads = [threading.Thread(target=click_like_the_evaluator,
-                                    args=(target, rgb, gt, clicks, max_points, start, log, progress))
-                   for (_, rgb, gt), log in zip(pairs, logs, strict=True)]
-        for t in threads:
-            t.start()
-        start.wait()
-        t0 = time.perf_counter()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
+    logs, t0, t1 = run_clients(target, pairs, clicks, max_points, "hostile" if hostile else "calm")
+    wall = t1 - t0
     stop.set()
     if attacker is not None:
         attacker.join(300)

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from histosam.backend.bundles.onnx_predictor import OnnxPredictor
 from histosam.backend.core.predictor import prompt_arrays
+from histosam.backend.evaluation.metrics import iou
 from histosam.training.models.sam_model import HistoSam
 from histosam.training.torch_predictor import TorchPredictor
 
@@ -51,11 +52,6 @@ def prompt_sets(height: int, width: int) -> list[dict[str, Any]]:
     ]
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
-
-
 def check_parity(model: HistoSam, bundle_dir: Path, sizes=PARITY_SIZES, progress: bool = False) -> dict[str, Any]:
     onnx_pred = OnnxPredictor.from_bundle(bundle_dir)
     torch_pred = TorchPredictor(model, mask_dilation=onnx_pred.transform.mask_dilation)
@@ -83,7 +79,7 @@ def check_parity(model: HistoSam, bundle_dir: Path, sizes=PARITY_SIZES, progress
                 "size": [h, w], "prompt": j,
                 "embedding_diff": emb_diff,
                 "low_res_logit_diff": logit_diff,
-                "mask_iou": min(_iou(pt.mask, po.mask), _iou(pt2.mask, po2.mask)),
+                "mask_iou": min(iou(pt.mask, po.mask), iou(pt2.mask, po2.mask)),
                 "graph_masks_iou": graph_iou,
                 "iou_pred_diff": abs(pt.iou - po.iou),
             })
@@ -122,4 +118,4 @@ def _graph_masks_iou(pred: OnnxPredictor, prompt: dict[str, Any], hw: tuple[int,
     (masks,) = pred.decoder.session.run(["masks"], feeds)
     if masks.shape[-2:] != tuple(hw):
         return 0.0
-    return _iou(masks[0, 0] > 0, reference)
+    return iou(masks[0, 0] > 0, reference)

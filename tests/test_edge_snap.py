@@ -10,6 +10,7 @@ import pytest
 
 from histosam.backend.bundles.onnx_predictor import OnnxPredictor
 from histosam.backend.core.errors import InvalidInputError, NotFoundError
+from histosam.backend.evaluation.metrics import iou
 from histosam.backend.postprocess.edge_snap import (
     DEFAULT_CONFIG,
     EdgeSnappingPredictor,
@@ -29,10 +30,6 @@ def gland(h: int = H, w: int = W, seed: int = 0) -> tuple[np.ndarray, np.ndarray
     img = np.where(inside[..., None], np.array([120, 60, 150]), np.array([230, 170, 200])).astype(np.float64)
     img += rng.normal(0, 5, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8), inside
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max(1, (a | b).sum()))
 
 
 def settings(**kw) -> EdgeSnapSettings:

@@ -20,11 +20,7 @@ from histosam.backend.core.geometry import (
     ring_area,
     valid_polygon,
 )
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+from histosam.backend.evaluation.metrics import iou
 
 
 def random_masks(n: int, seed: int = 0):

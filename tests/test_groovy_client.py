@@ -25,6 +25,13 @@ import pytest
 
 from histosam.backend.core.geometry import PolygonXY, polygons_to_mask
 from histosam.backend.qupath.install import install_scripts
+from histosam.backend.qupath.ping import (
+    DEBIAN_JARS,
+    DEBIAN_PACKAGES,
+    JAVA_SHARE,
+    classpath,
+    java_home,
+)
 from histosam.backend.serving.client import SegmentationClient
 from histosam.backend.serving.model_store import ModelStore
 from histosam.backend.serving.server import SegmentationServer, ServerSettings
@@ -34,15 +41,6 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "qupath-scripts"
 DRIVER = REPO / "tests" / "groovy" / "histosam_client_checks.groovy"
 DESCRIPTOR = REPO / "protos" / "histosam" / "v1" / "segmentation.desc"
-JAVA_SHARE = Path("/usr/share/java")
-# Exactly what the client needs from Debian's grpc-java 1.41 (grpc-context is inside grpc-api
-# from 1.58 on; netty-codec-http is needed by the HTTP/2 codec).
-DEBIAN_JARS = (
-    "grpc-api", "grpc-context", "grpc-core", "grpc-netty", "grpc-stub", "protobuf", "guava", "perfmark-api",
-    "netty-buffer", "netty-codec", "netty-codec-http", "netty-codec-http2", "netty-common", "netty-handler",
-    "netty-resolver", "netty-transport",
-)
-DEBIAN_PACKAGES = "groovy libgrpc-java libprotobuf-java libnetty-java libguava-java libperfmark-java"
 TOKEN = "groovy-test-token"
 MAX_PIXELS = 600 * 600
 H, W = 300, 400
@@ -53,14 +51,6 @@ def _unavailable(why: str):
     if os.environ.get("CI"):
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
-
-
-def java_home() -> str | None:
-    """A JDK for Debian's Groovy 2.4: 17 first (what it is tested with), then JAVA_HOME, then any."""
-    jvm = Path("/usr/lib/jvm")
-    found = sorted(str(p) for p in jvm.glob("*")) if jvm.is_dir() else []
-    candidates = [c for c in found if "-17-" in c] + [os.environ.get("JAVA_HOME"), str(jvm / "default-java"), *found]
-    return next((c for c in candidates if c and (Path(c) / "bin" / "java").is_file()), None)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +67,7 @@ def groovy_env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HISTOSAM_")}
     env["JAVA_HOME"] = home
     return {"groovy": groovy, "env": env,
-            "classpath": ":".join(str(JAVA_SHARE / f"{j}.jar") for j in DEBIAN_JARS)}
+            "classpath": classpath(None)}
 
 
 def run_groovy(groovy_env: dict, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:

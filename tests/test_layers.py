@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS: dict[str, int] = {
     "histosam.v1": 0,  # generated protobuf/gRPC code
     "histosam.qupath_scripts": 0,  # the QuPath scripts (data)
-    "histosam.backend.core": 0,  # errors, atomic writes, the settings loader, geometry, transforms, the predictor protocol: what every layer may use
+    "histosam.backend.core": 0,  # errors, atomic writes, the settings loader, geometry, transforms, the working grid, the predictor protocol: what every layer may use
     "histosam.backend.bundles": 1,  # what serving needs to run a model: the catalog of names and weights, bundle files, the onnxruntime predictor
     "histosam.backend.wsi": 1,  # whole-slide images: slides, annotations, patch extraction
     "histosam.backend.postprocess": 2,  # mask post-processing: edge snapping, click propagation and their YAML settings

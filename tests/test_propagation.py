@@ -10,6 +10,7 @@ from histosam.backend.bundles.onnx_predictor import OnnxPredictor
 from histosam.backend.core.errors import InvalidInputError, NotFoundError
 from histosam.backend.core.predictor import Prediction
 from histosam.backend.core.transforms import LOW_RES, ImageTransform
+from histosam.backend.evaluation.metrics import iou
 from histosam.backend.postprocess.propagation import (
     DEFAULT_CONFIG,
     ImageGraph,
@@ -42,10 +43,6 @@ def low_res_of(logits_full: np.ndarray) -> np.ndarray:
     out = np.full((LOW_RES, LOW_RES), -20.0, np.float32)
     out[:nh, :nw] = cv2.resize(logits_full.astype(np.float32), (nw, nh), interpolation=cv2.INTER_LINEAR)
     return out
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max(1, (a | b).sum()))
 
 
 def test_shipped_settings_load_and_bad_settings_are_one_clear_error(tmp_path):

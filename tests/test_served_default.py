@@ -15,6 +15,7 @@ import pytest
 from serve_helpers import startup_text
 
 from histosam.backend.evaluation.clicker import next_click
+from histosam.backend.evaluation.metrics import iou
 from histosam.backend.postprocess.propagation import SERVED_DEFAULT
 from histosam.backend.serving.client import SegmentationClient
 from histosam.backend.serving.server import PROPAGATION_CHOICES, ServerSettings
@@ -80,8 +81,3 @@ def served_default_predictor():
     if SERVED_DEFAULT == "off":
         return snapped
     return with_propagation(snapped, PropagationSettings.load(), SERVED_DEFAULT)
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)

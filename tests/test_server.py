@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from histosam.backend.bundles.catalog import cached_bundle_path
 from histosam.backend.core.errors import HistosamError, InvalidInputError, NotFoundError
 from histosam.backend.core.geometry import PolygonXY, mask_to_polygons, polygons_to_mask
+from histosam.backend.evaluation.metrics import iou
 from histosam.backend.postprocess.propagation import (
     ImageGraph,
     PropagationSettings,
@@ -76,11 +77,6 @@ def polygons_of(reply: pb.ClickResponse) -> list[PolygonXY]:
         PolygonXY(np.asarray(p.exterior).reshape(-1, 2), [np.asarray(r.xy).reshape(-1, 2) for r in p.holes])
         for p in reply.polygons
     ]
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
 def status_of(call, request) -> tuple[grpc.StatusCode, str]:

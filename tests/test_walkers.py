@@ -21,6 +21,7 @@ import pytest
 from histosam.backend.core.errors import InvalidInputError
 from histosam.backend.core.transforms import ImageTransform
 from histosam.backend.evaluation.clicker import next_click
+from histosam.backend.evaluation.metrics import iou
 from histosam.backend.postprocess.edge_snap import EdgeSnapSettings, snap_mask, working_lab
 from histosam.backend.postprocess.propagation import ImageGraph, PropagationSettings
 from histosam.backend.serving.model_store import ModelStore
@@ -32,11 +33,6 @@ TOLERANCE = 0.995  # mask IoU against the SuperLU answer
 SETS = ("glas", "ocdc", "ebhi", "bcss", "ebhi_seg")
 PER_SET = 2  # patches per set, spread over the set (ebhi_seg: over its 2226, so over its classes)
 TRANSFORM = ImageTransform(input_size=1024, mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0))
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
 def real_patches(data_dir: Path, name: str) -> list[tuple[str, np.ndarray, np.ndarray]]:

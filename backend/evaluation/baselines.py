@@ -27,6 +27,7 @@ import numpy as np
 from histosam.backend.core.errors import InvalidInputError
 from histosam.backend.core.predictor import Prediction
 from histosam.backend.core.transforms import ImageTransform, mask_to_prompt_logits, validate_rgb
+from histosam.backend.core.working_grid import WorkingGrid
 
 # Only the letterbox geometry matters for the logits (mean/std are unused): a SAM-style
 # 1024 input gives the same (256, 256) frame every learned model in this project uses.
@@ -63,7 +64,7 @@ class _ClickBaseline:
         self.click_radius = click_radius
         self._image: np.ndarray | None = None
         self._small: np.ndarray | None = None
-        self._scale = 1.0
+        self._grid: WorkingGrid | None = None
         self._prev_clicks: np.ndarray | None = None  # (N, 3) x, y, label of the last call
         self._prev_small_mask: np.ndarray | None = None
 
@@ -71,13 +72,8 @@ class _ClickBaseline:
 
     def set_image(self, image: np.ndarray) -> None:
         image = validate_rgb(image)
-        h, w = image.shape[:2]
-        self._scale = min(1.0, self.max_side / max(h, w))
-        if self._scale < 1.0:
-            size = (max(1, round(w * self._scale)), max(1, round(h * self._scale)))
-            self._small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-        else:
-            self._small = image.copy()
+        self._grid = WorkingGrid.for_size(image.shape[0], image.shape[1], self.max_side)
+        self._small = self._grid.shrink(image).copy()  # its own copy: subclasses may work on it in place
         self._image = image
         self._prev_clicks = None
         self._prev_small_mask = None
@@ -88,11 +84,8 @@ class _ClickBaseline:
 
     def _to_small(self, x: float, y: float) -> tuple[int, int]:
         """Full-resolution pixel index -> pixel index in the working copy (x, y)."""
-        assert self._small is not None
-        hs, ws = self._small.shape[:2]
-        cx = int(np.clip(round((x + 0.5) * self._scale - 0.5), 0, ws - 1))
-        cy = int(np.clip(round((y + 0.5) * self._scale - 0.5), 0, hs - 1))
-        return cx, cy
+        assert self._grid is not None
+        return self._grid.pixel(x, y)
 
     # -- seeds ----------------------------------------------------------------------------
 
@@ -108,13 +101,15 @@ class _ClickBaseline:
         hs, ws = self._small.shape[:2]
         fg = np.zeros((hs, ws), np.uint8)
         bg = np.zeros((hs, ws), np.uint8)
-        r = max(1, round(self.click_radius * self._scale))
+        assert self._grid is not None
+        r = self._grid.radius(self.click_radius)
         for (x, y), pos in zip(pts, positive, strict=True):
             centre = self._to_small(x, y)
             cv2.circle(fg, centre, r, 1 if pos else 0, -1)
             cv2.circle(bg, centre, r, 0 if pos else 1, -1)
         if box is not None:
-            b = np.asarray(box, np.float64).reshape(4) * self._scale
+            sx, sy = self._grid.scale_xy
+            b = np.asarray(box, np.float64).reshape(4) * (sx, sy, sx, sy)
             if not np.all(np.isfinite(b)):
                 raise InvalidInputError("box has a non-finite coordinate")
             x0, x1 = sorted((int(np.floor(b[0])), int(np.ceil(b[2]))))

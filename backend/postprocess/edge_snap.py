@@ -51,6 +51,7 @@ from histosam.backend.core.errors import InvalidInputError
 from histosam.backend.core.predictor import Prediction, Predictor
 from histosam.backend.core.settings import Number, SettingsFile, Whole
 from histosam.backend.core.transforms import LOW_RES, validate_rgb
+from histosam.backend.core.working_grid import WorkingGrid
 
 DEFAULT_CONFIG = Path(__file__).with_name("edge_snap.yaml")
 EDGE_FLOOR = 1e-6  # keeps every band pixel connected to a pinned one (a flat island still gets an answer)
@@ -82,11 +83,7 @@ def working_lab(image: np.ndarray, settings: EdgeSnapSettings) -> np.ndarray:
     Made once per image (<= 0.44 MB at 384 px) and kept with its embedding.
     """
     rgb = validate_rgb(image)
-    h, w = rgb.shape[:2]
-    scale = min(1.0, settings.working_side / max(h, w))
-    if scale < 1.0:
-        rgb = cv2.resize(rgb, (max(2, round(w * scale)), max(2, round(h * scale))), interpolation=cv2.INTER_AREA)
-    lab = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2LAB)
+    lab = cv2.cvtColor(WorkingGrid.for_size(rgb.shape[0], rgb.shape[1], settings.working_side).shrink(rgb), cv2.COLOR_RGB2LAB)
     if settings.smoothing > 0:
         lab = cv2.GaussianBlur(lab, (0, 0), settings.smoothing)
     return lab
@@ -181,15 +178,15 @@ def snap_mask(
     if not band.any():
         return mask  # empty or full mask: no edge to move
     pinned_value = small.astype(np.float64)
-    sy, sx = h / full_h, w / full_w
-    click_r = max(1, round(settings.click_radius * min(sx, sy)))
+    grid = WorkingGrid((full_h, full_w), (h, w))
+    click_r = grid.radius(settings.click_radius)
     clicks = np.zeros((h, w), np.uint8)
     negative = np.zeros((h, w), bool)
     for (x, y), label in zip(np.asarray(points, np.float64).reshape(-1, 2), np.asarray(labels).reshape(-1), strict=True):
         if label not in (0, 1) or not (math.isfinite(x) and math.isfinite(y)):
             continue
         disk = np.zeros((h, w), np.uint8)
-        cv2.circle(disk, (int(min(w - 1, max(0, x * sx))), int(min(h - 1, max(0, y * sy)))), click_r, 1, -1)
+        cv2.circle(disk, grid.pixel(x, y), click_r, 1, -1)
         hit = disk.astype(bool)
         clicks |= disk
         pinned_value[hit] = float(label)

@@ -65,6 +65,7 @@ from histosam.backend.core.errors import InvalidInputError
 from histosam.backend.core.predictor import Prediction, Predictor
 from histosam.backend.core.settings import Number, SettingsFile, Whole
 from histosam.backend.core.transforms import LOW_RES, ImageTransform, validate_rgb
+from histosam.backend.core.working_grid import WorkingGrid
 
 DEFAULT_CONFIG = Path(__file__).with_name("propagation.yaml")
 MODES = ("off", "on", "auto")  # when clicks propagate (see "When" above)
@@ -296,12 +297,7 @@ class ImageGraph:
         the graph later, when a click first asks for propagation.
         """
         rgb = validate_rgb(image)
-        h, w = rgb.shape[:2]
-        scale = min(1.0, settings.working_side / max(h, w))
-        hs, ws = max(2, round(h * scale)), max(2, round(w * scale))
-        if (hs, ws) == (h, w):
-            return np.ascontiguousarray(rgb)
-        return cv2.resize(rgb, (ws, hs), interpolation=cv2.INTER_AREA)
+        return WorkingGrid.for_size(rgb.shape[0], rgb.shape[1], settings.working_side).shrink(rgb)
 
     @classmethod
     def from_working_image(
@@ -342,17 +338,14 @@ class ImageGraph:
 
     def _pins(self, points: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """(hs, ws) int8: 1 / 0 on positive / negative click disks, -1 elsewhere (later wins)."""
-        hs, ws = self.small_hw
-        h, w = self.full_hw
-        sy, sx = hs / h, ws / w
-        pins = np.full((hs, ws), -1, np.int8)
-        radius = max(1, round(self.settings.click_radius * min(sx, sy)))
+        grid = WorkingGrid(self.full_hw, self.small_hw)
+        pins = np.full(self.small_hw, -1, np.int8)
+        radius = grid.radius(self.settings.click_radius)
         for (x, y), label in zip(np.asarray(points, np.float64).reshape(-1, 2), np.asarray(labels).reshape(-1),
                                  strict=True):
             if label not in (0, 1) or not (math.isfinite(x) and math.isfinite(y)):
                 continue  # box corners and padding points are not clicks
-            centre = (int(min(ws - 1, max(0, x * sx))), int(min(hs - 1, max(0, y * sy))))
-            cv2.circle(pins, centre, radius, int(label), -1)
+            cv2.circle(pins, grid.pixel(x, y), radius, int(label), -1)
         return pins
 
     def solve(self, weight: np.ndarray, rhs: np.ndarray, solver: str = "ldl") -> np.ndarray:

@@ -137,7 +137,7 @@ PROC_FD = Path("/proc/self/fd")
 
 
 @dataclass(frozen=True)
-class Region:
+class CheckedRegion:
     """A validated slide region: level-0 rectangle, downsample and output size.
 
     ``fd`` is the slide opened when its path was checked (close it with ``close``); its pixels
@@ -256,7 +256,7 @@ def make_region(
     downsample: float,
     roots: Sequence[Path],
     max_pixels: int,
-) -> Region:
+) -> CheckedRegion:
     """Validate a region request (numbers, permission, size) without reading pixels."""
     downsample = downsample or 1.0  # proto3 unset = 0 means 1
     values = {"x": x, "y": y, "width": width, "height": height, "downsample": downsample}
@@ -283,7 +283,7 @@ def make_region(
         )
     fd = _open_checked(path, slide_path, roots)
     stat = os.fstat(fd)
-    region = Region(path, float(x), float(y), float(width), float(height), float(downsample),
+    region = CheckedRegion(path, float(x), float(y), float(width), float(height), float(downsample),
                     stat.st_mtime_ns, stat.st_size, fd, stat.st_dev, stat.st_ino)
     pixels = region.out_width * region.out_height
     if pixels > max_pixels:
@@ -322,7 +322,7 @@ def _open_checked(path: Path, slide_path: str, roots: Sequence[Path]) -> int:
     return fd
 
 
-def read_region(region: Region) -> np.ndarray:
+def read_region(region: CheckedRegion) -> np.ndarray:
     """RGB uint8 of the region (OpenSlide via histosam.backend.wsi.slides); refuses regions off the slide.
 
     A region reaching past the slide's right or bottom edge is cut there: the white fill beyond
