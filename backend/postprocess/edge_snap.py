@@ -1,10 +1,10 @@
 """Edge snapping: the model's mask edge moved onto the image's own colour edge, in a thin band.
 
-Why. 13 of 22 GlaS glands never reach 90 % IoU in 20 clicks, seven of them stall at 0.88-0.90,
-and 53-93 % of their wrong pixels lie within 8 px of the annotated boundary (model card, "The
-last 10 %"). The decoder cannot place an edge more finely than its 64x64 embedding (one token
-is 12 px of a GlaS patch), and a click in a 3-px error band moves the mask by a 24-px disk. The
-full-resolution image knows where the gland ends; the model knows which side is which.
+Why. Most of the masks that stall just short of 90 % IoU are wrong in a thin rim along the
+annotated boundary (model card, "The last 10 %"). The decoder cannot place an edge more finely
+than its 64x64 embedding (one token is a dozen pixels of a patch), and a click in a narrow error
+band moves the mask by a whole disk. The full-resolution image knows where the gland ends; the
+model knows which side is which.
 
 What. Pixels within ``band`` low-res pixels of the model's mask edge are decided again by a
 random walker (Grady 2006) on the image's 4-neighbour graph in CIELAB (weights
@@ -24,12 +24,10 @@ carries over: each click orders (AMD) and factors its band afresh, and the order
 
 When. It belongs to the weights it was measured for, like the mask calibration: the shipped
 default's bundle manifest says ``"edge_snap": true`` and servers follow it unless told
-``--edge-snap on|off``. On the shipped model: EBHI glands (training set) NoC@90 10.44 -> 5.69;
-GlaS (validation) NoC@80/85/90 6.41/9.09/14.86 -> 6.27/8.91/14.41, NoF@90 13 -> 10 of 22;
-OCDC and PANDA fail 85 % either way (PANDA mIoU@20 0.50 -> 0.48). Without smoothing the edge
-followed stromal nuclei (as dark as the epithelium's) and carved lumens out of glands, hence the
-Gaussian smoothing of the working copy and the hole filling. Every variant measured is in
-training/weights/MODEL_CARD.md ("Edge snapping"). Numpy/scipy/OpenCV on the serving side: the
+``--edge-snap on|off``; what it does to each validation set is measured in
+training/weights/MODEL_CARD.md ("Edge snapping"), every variant tried with it. Without smoothing
+the edge followed stromal nuclei (as dark as the epithelium's) and carved lumens out of glands,
+hence the Gaussian smoothing of the working copy and the hole filling. Numpy/scipy/OpenCV on the serving side: the
 server and the evaluator's wrapper both call ``snap_mask``.
 """
 

@@ -1,11 +1,11 @@
 """Click propagation: the model's mask is the prior of a click-seeded random walker.
 
 Why. The decoder reads a frozen 64x64 image embedding, so a click changes the mask only near
-itself (issue 9). On tumour *regions* that is fatal: over 20 clicks the shipped decoder went
-from mIoU 0.34 to 0.40 on OCDC patches, while a click-seeded random walker, which spreads each
-click over the region of similar colour, went from 0.53 to 0.89. The random walker alone is
-poor where the model is good (a first click on a GlaS gland: 0.51 against the model's 0.74).
-This module lets each do what it is good at.
+itself (issue 9). On tumour *regions* that is fatal: twenty clicks barely moved the decoder's
+mask on OCDC patches, while a click-seeded random walker, which spreads each click over the
+region of similar colour, kept closing the error. The random walker alone is poor where the
+model is good (the first click on a gland). This module lets each do what it is good at;
+the figures are in training/weights/MODEL_CARD.md ("Click propagation").
 
 What. Grady's random walker with a prior (Grady 2005, "Multilabel random walker image
 segmentation using prior models"): on a downscaled copy of the image, minimise
@@ -35,12 +35,11 @@ model's own (the working copy is 160 px on its longest side, coarser than the mo
 When. Spreading is right for regions the model cannot delineate and wrong for ones it can, so
 besides "on" and "off" there is "auto": propagate on an image when the model's answer to its
 first click is unsure, i.e. its mean confidence ``mean |2p - 1|`` is below
-``auto_confidence``. On the training sets that number separates the two cases cleanly: every
-OCDC tumour patch (where the walker cut NoC@85 from 20 to ~10) is below 0.042, every EBHI patch
-(glands the model already segments) above 0.103; 0.05 was chosen from those two ranges alone.
-The decision is made once per image (on the first step) so that a session does not flip
-between two kinds of answer as the model grows surer with clicks (deciding per click lost the
-walker's gains late in a session: OCDC mIoU@20 0.69 against 0.89).
+``auto_confidence`` (on the training sets that number separated the tumour patches the walker
+helps from the glands the model already segments), or once the model has ignored correction
+clicks (a confident wrong answer: ``click_ignored``). The decision, once on, holds for the
+rest of the image's clicks so that a session does not flip between two kinds of answer as the
+model grows surer with clicks (deciding per click lost the walker's gains late in a session).
 
 Everything here is numpy/scipy on the serving side: the server, the evaluator and both
 predictors use it, so what ``histosam evaluate`` measures is what a click returns.
@@ -181,8 +180,8 @@ def nested_dissection(h: int, w: int, leaf: int = 6) -> np.ndarray:
     """A fill-reducing elimination order of an h x w 4-neighbour grid (George 1973).
 
     Split the grid by its middle row or column, order both halves recursively, the separator
-    last. The grid is the same for every click on an image, so the order is computed once;
-    factorising in it is ~1.6x faster than SuperLU's own MMD ordering at 160x160 and exact.
+    last. The grid is the same for every click on an image, so the order is computed once,
+    and on a grid it leaves less fill than SuperLU's own minimum-degree ordering.
     """
     idx = np.arange(h * w).reshape(h, w)
     parts: list[np.ndarray] = []

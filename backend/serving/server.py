@@ -206,9 +206,8 @@ class ServerSettings:
     propagation_config: OptPath = None
     # Edge snapping (backend/postprocess/edge_snap.py): the model's mask edge moved onto the image's colour
     # edge within a thin band. "model" (default): for the models whose bundle asks for it (the
-    # shipped default: GlaS NoF@90 13 -> 10 of 22, NoC@85 9.09 -> 8.91; ~2.2x the decoder's
-    # per-click time on one CPU thread); "on": every model; "off": none (fastest, and the
-    # model's raw masks). Applies to the model's masks, not to propagated ones (the walker
+    # shipped default; its effect and cost are in the model card and `histosam bench serve`);
+    # "on": every model; "off": none (fastest, and the model's raw masks). Applies to the model's masks, not to propagated ones (the walker
     # already follows colour edges). Settings from ``edge_snap_config``, else edge_snap.yaml.
     edge_snap: EdgeSnapMode = "model"
     edge_snap_config: OptPath = None

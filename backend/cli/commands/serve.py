@@ -72,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--edge-snap", nargs="?", const="on", choices=("model", "on", "off"), default=S,
                    help="snap mask edges onto the image's colour edges: for the models whose bundle asks for it "
                    "(model, the default: the shipped default model), for every model (on; a bare --edge-snap), or "
-                   "never (off: the model's raw masks, ~2.2x faster per click on a CPU)")
+                   "never (off: the model's raw masks, faster per click)")
     p.add_argument("--edge-snap-config", type=Path, default=S, metavar="F",
                    help="YAML of edge-snap settings (default: the shipped edge_snap.yaml)")
     p.add_argument("--log-level", default=S, choices=LOG_LEVELS,
