@@ -284,7 +284,7 @@ def make_region(
     fd = _open_checked(path, slide_path, roots)
     stat = os.fstat(fd)
     region = CheckedRegion(path, float(x), float(y), float(width), float(height), float(downsample),
-                    stat.st_mtime_ns, stat.st_size, fd, stat.st_dev, stat.st_ino)
+                           stat.st_mtime_ns, stat.st_size, fd, stat.st_dev, stat.st_ino)
     pixels = region.out_width * region.out_height
     if pixels > max_pixels:
         region.close()
