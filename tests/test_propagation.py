@@ -99,6 +99,27 @@ def test_a_negative_click_spreads_within_its_colour_region_and_stops_at_the_edge
     assert (removed & left).sum() < 0.01 * left.sum()  # and not across the colour edge
 
 
+def test_correction_spread_keeps_the_models_answer_where_no_click_disagrees():
+    """spread "correction" moves the mask only where a click contradicts the model; "model" lets
+    a click the model already obeys spread too (the walker re-decides the model's own edges)."""
+    img, left = two_regions()
+    yy, _ = np.mgrid[:H, :W]
+    top = left & (yy < 60)  # the model, mildly sure, found only the top of the pink part
+    low = low_res_of(np.where(top, 1.0, -1.0))
+    agree = np.array([[20.0, 30.0]]), np.array([1])
+    graph = ImageGraph.from_image(img, PropagationSettings())
+    by_spread = {spread: graph.refine(low, FRAME, *agree, spread=spread) for spread in ("model", "correction")}
+    assert iou(by_spread["correction"], top) > 0.98
+    assert iou(by_spread["model"], top) < iou(by_spread["correction"], top) - 0.05
+    # A correction click on the missed bottom spreads over the pink part, not across its edge.
+    fixed = graph.refine(low, FRAME, np.array([[20.0, 30.0], [20.0, 100.0]]), np.array([1, 1]), spread="correction")
+    assert iou(fixed, left) > iou(top, left) + 0.1 and not (fixed & ~left).any()
+    with pytest.raises(InvalidInputError, match="spread must be one of"):
+        graph.refine(low, FRAME, *agree, spread="both")
+    with pytest.raises(InvalidInputError, match="auto_when_sure must be one of"):
+        PropagationSettings(auto_when_sure="never")
+
+
 def test_box_corners_and_padding_points_are_not_clicks():
     img, _ = two_regions()
     graph = ImageGraph.from_image(img, PropagationSettings())
@@ -161,18 +182,26 @@ def test_auto_propagates_an_image_the_model_is_unsure_of_decided_at_the_first_st
     assert model_confidence(sure, FRAME, (H, W), 4.0) > 0.95  # all but the interpolated border
     pts, labels = np.array([[20.0, 60.0], [180.0, 60.0]]), np.array([1, 0])
     graph = ImageGraph.from_image(img, PropagationSettings())
-    for first, then, spreads in ((unsure, sure, True), (sure, unsure, False)):
-        model = ScriptedModel([first, then])
-        auto = PropagatingPredictor(model, PropagationSettings(), FRAME, mode="auto")
-        auto.set_image(img)
-        one = auto.predict(points=pts[:1], labels=labels[:1])
-        two = auto.predict(points=pts, labels=labels)
-        # the first step decides for the image: a surer (or less sure) later answer does not switch it
-        want = graph.refine(then, FRAME, pts, labels) if spreads else FRAME.logits_to_original(then, (H, W)) > 0
-        assert np.array_equal(two.mask, want) and np.array_equal(two.low_res_logits, then)
-        own = FRAME.logits_to_original(first, (H, W)) > 0
-        assert np.array_equal(one.mask, graph.refine(first, FRAME, pts[:1], labels[:1]) if spreads else own)
-        assert model.calls == [1, 2]  # the decision came from the answer already given
+    def answer(low: np.ndarray, n: int, spreads: bool, when_sure: str) -> np.ndarray:
+        """What auto should answer: the clicks spread with the model as prior (unsure), only the
+        corrections spread (sure, shipped), or the model's own mask (sure, ``auto_when_sure: own``)."""
+        if not spreads and when_sure == "own":
+            return FRAME.logits_to_original(low, (H, W)) > 0
+        return graph.refine(low, FRAME, pts[:n], labels[:n], spread="model" if spreads else "correction")
+
+    for when_sure in ("correction", "own"):
+        for first, then, spreads in ((unsure, sure, True), (sure, unsure, False)):
+            model = ScriptedModel([first, then])
+            auto = PropagatingPredictor(model, PropagationSettings(auto_when_sure=when_sure), FRAME, mode="auto")
+            auto.set_image(img)
+            one = auto.predict(points=pts[:1], labels=labels[:1])
+            two = auto.predict(points=pts, labels=labels)
+            # the first step decides for the image: a surer (or less sure) later answer does not switch it
+            assert np.array_equal(two.mask, answer(then, 2, spreads, when_sure))
+            assert np.array_equal(two.low_res_logits, then)
+            assert np.array_equal(one.mask, answer(first, 1, spreads, when_sure))
+            assert model.calls == [1, 2]  # the decision came from the answer already given
+
     model = ScriptedModel([unsure, sure])
     auto = PropagatingPredictor(model, PropagationSettings(), FRAME, mode="auto")
     auto.set_image(img)
@@ -201,7 +230,8 @@ def test_auto_propagates_once_the_model_ignores_a_correction_click():
     own = FRAME.logits_to_original(everything, (H, W)) > 0
     for ignored_needed, spreads_at in ((1, 2), (2, None), (0, None)):
         model = ScriptedModel([everything])
-        auto = PropagatingPredictor(model, PropagationSettings(auto_ignored_clicks=ignored_needed), FRAME, mode="auto")
+        settings = PropagationSettings(auto_ignored_clicks=ignored_needed, auto_when_sure="own")
+        auto = PropagatingPredictor(model, settings, FRAME, mode="auto")
         auto.set_image(img)
         for n in (1, 2, 3):
             got = auto.predict(points=pts[:n], labels=labels[:n])
@@ -301,7 +331,7 @@ def test_nested_dissection_order_solves_the_same_system_exactly():
 
 def test_propagation_over_edge_snapping_snaps_only_the_masks_it_keeps():
     """As the server does it: a propagated mask is the walker's (never snapped, and no snap is
-    computed for it); a mask auto leaves to the model is the snapped one."""
+    computed for it); a mask auto leaves to the model (``auto_when_sure: own``) is the snapped one."""
     from histosam.backend.postprocess.edge_snap import EdgeSnappingPredictor, EdgeSnapSettings
 
     class CountingSnapper(EdgeSnappingPredictor):
@@ -318,10 +348,12 @@ def test_propagation_over_edge_snapping_snaps_only_the_masks_it_keeps():
     snapper.set_image(img)
     snapped = snapper.predict(points=pts, labels=labels).mask
     CountingSnapper.snaps = 0
-    for mode, want in (("on", ImageGraph.from_image(img, PropagationSettings()).refine(follows, FRAME, pts, labels)),
-                       ("auto", snapped)):
+    graph = ImageGraph.from_image(img, PropagationSettings())
+    for mode, when_sure, want in (("on", "own", graph.refine(follows, FRAME, pts, labels)),
+                                  ("auto", "correction", graph.refine(follows, FRAME, pts, labels, spread="correction")),
+                                  ("auto", "own", snapped)):
         wrapped = PropagatingPredictor(CountingSnapper(ScriptedModel([follows]), EdgeSnapSettings()),
-                                       PropagationSettings(), FRAME, mode=mode)
+                                       PropagationSettings(auto_when_sure=when_sure), FRAME, mode=mode)
         wrapped.set_image(img)
-        assert np.array_equal(wrapped.predict(points=pts, labels=labels).mask, want), mode
-    assert CountingSnapper.snaps == 1  # only auto's kept mask was snapped
+        assert np.array_equal(wrapped.predict(points=pts, labels=labels).mask, want), (mode, when_sure)
+    assert CountingSnapper.snaps == 1  # only the model's own mask, kept by auto, was snapped

@@ -497,12 +497,13 @@ def test_clicks_spread_through_propagation_by_default_or_per_click(models, serve
     second, _ = model.decoder(features, (H, W), points, labels, None, first)
     graph = ImageGraph.from_image(img, PropagationSettings.load())
     expected = {True: graph.refine(second, model.transform, points, labels),
-                False: model.transform.logits_to_original(second, (H, W)) > 0}
+                False: model.transform.logits_to_original(second, (H, W)) > 0,
+                "correction": graph.refine(second, model.transform, points, labels, spread="correction")}
     assert not np.array_equal(expected[True], expected[False])  # the walker did change something
     always_unsure = tmp_path / "unsure.yaml"
     always_unsure.write_text("auto_confidence: 1.0\n")  # every answer counts as unsure: auto = on
     never_unsure = tmp_path / "sure.yaml"
-    never_unsure.write_text("auto_confidence: 1.0e-9\nauto_ignored_clicks: 0\n")  # auto = off
+    never_unsure.write_text("auto_confidence: 1.0e-9\nauto_ignored_clicks: 0\nauto_when_sure: own\n")  # auto = off
     spreading = SegmentationServer(ServerSettings(port=0, threads=2, ort_threads=1, propagation=True), models=models)
     auto = SegmentationServer(ServerSettings(port=0, threads=2, ort_threads=1, propagation="auto",
                                              propagation_config=always_unsure), models=models)
@@ -535,13 +536,15 @@ def test_clicks_spread_through_propagation_by_default_or_per_click(models, serve
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                 assert "propagation 7 is not one of" in err.value.details()
         # auto: the model's confidence in its answer to the first point (0.05 shipped), or the
-        # second (negative) click ignored by the model's answer to it
+        # second (negative) click ignored by the model's answer to it, spread the clicks; else
+        # (shipped) only the clicks' corrections spread, or the model's own mask (auto_when_sure: own)
         shipped = PropagationSettings.load()
         unsure = auto_propagates(model_confidence(first, model.transform, (H, W), 4.0),
                                  int(click_ignored(second, model.transform, (H, W), points[1], 0)), shipped)
-        for srv, request_choice, on in ((server, pb.PROPAGATION_AUTO, unsure),
-                                        (auto, pb.PROPAGATION_SERVER_DEFAULT, True),
-                                        (sure, pb.PROPAGATION_AUTO, False)):
+        assert shipped.auto_when_sure == "correction"
+        for srv, request_choice, on, answer in ((server, pb.PROPAGATION_AUTO, True, True if unsure else "correction"),
+                                                (auto, pb.PROPAGATION_SERVER_DEFAULT, True, True),
+                                                (sure, pb.PROPAGATION_AUTO, False, False)):
             with grpc.insecure_channel(srv.address) as channel:
                 stub = pb_grpc.SegmentationStub(channel)
                 sid = open_image(stub, image_png).session_id
@@ -549,7 +552,7 @@ def test_clicks_spread_through_propagation_by_default_or_per_click(models, serve
                                           want_mask_png=True, min_area=0, propagation=request_choice)
                 reply = stub.Click(request, timeout=30)
                 assert reply.propagated is on and reply.decoded_steps == 2  # the first step came from the history
-                assert iou(decode_png_mask(reply.mask_png), expected[on]) > 0.999
+                assert iou(decode_png_mask(reply.mask_png), expected[answer]) > 0.999
         with grpc.insecure_channel(auto.address) as channel:
             info = pb_grpc.SegmentationStub(channel).GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
             assert info.propagation_default == pb.PROPAGATION_AUTO
@@ -578,7 +581,7 @@ def test_auto_switches_on_when_the_model_ignores_a_correction_click(models, imag
     # The tiny random model is unsure of every first answer: with the confidence test off, the
     # ignored clicks alone decide here.
     config = tmp_path / "ignored_only.yaml"
-    config.write_text("auto_confidence: 1.0e-9\n")
+    config.write_text("auto_confidence: 1.0e-9\nauto_when_sure: own\n")  # propagated = the rule's verdict
     shipped = PropagationSettings.load(config)
     answers, previous = [], None
     for k in range(1, len(clicks) + 1):

@@ -199,7 +199,7 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
 
 class SettingsFile:
     """What a settings dataclass read from its own YAML file shares: loading from the file or a
-    mapping, and the check that every value is a positive finite number. Subclasses set ``WHAT``
+    mapping, and the check that every numeric value is a positive finite number. Subclasses set ``WHAT``
     (the name errors use) and ``DEFAULT_CONFIG`` (the shipped YAML); ``ZERO_ALLOWED`` names the
     fields for which 0 means "none"."""
 
@@ -211,6 +211,8 @@ class SettingsFile:
     def check_positive(self) -> None:
         for f in fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
+            if isinstance(value, str):
+                continue  # a choice among names, checked by its own class
             ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
             if not (ok and (value > 0 or (value == 0 and f.name in self.ZERO_ALLOWED))):
                 raise InvalidInputError(f"{self.WHAT} setting {f.name} must be a positive number, got {value!r}")

@@ -32,14 +32,23 @@ model's full-resolution probability, so where the walker agrees with the model t
 model's own (the working copy is 160 px on its longest side, coarser than the model's
 256x256 logits).
 
-When. Spreading is right for regions the model cannot delineate and wrong for ones it can, so
-besides "on" and "off" there is "auto": propagate on an image when the model's answer to its
-first click is unsure, i.e. its mean confidence ``mean |2p - 1|`` is below
-``auto_confidence`` (on the training sets that number separated the tumour patches the walker
-helps from the glands the model already segments), or once the model has ignored correction
-clicks (a confident wrong answer: ``click_ignored``). The decision, once on, holds for the
-rest of the image's clicks so that a session does not flip between two kinds of answer as the
-model grows surer with clicks (deciding per click lost the walker's gains late in a session).
+Two spreads (``SPREADS``). "model" is the above: every click spreads and the colour graph
+re-decides the model's edges as well. "correction" spreads only what the clicks contradict: the
+walker solves the same system for the change ``d = x - p``, pinned to ``label - p`` at each click
+and 0-targeted elsewhere (prior weight ``correction_gamma``), so a click the model already obeys
+changes nothing and a correction moves the mask over the region of its colour. Same matrix, same
+per-image factorisation, same cost; the first keeps tumour regions moving when the model is
+lost, the second keeps a good gland mask intact while its corrections still spread.
+
+When. Spreading every click is right for regions the model cannot delineate and wrong for ones
+it can, so besides "on" and "off" there is "auto": spread every click ("model") on an image when
+the model's answer to its first click is unsure, i.e. its mean confidence ``mean |2p - 1|`` is
+below ``auto_confidence``, or once the model has ignored correction clicks (a confident wrong
+answer: ``click_ignored``); otherwise spread only the corrections (``auto_when_sure:
+correction``, shipped) or keep the model's own mask (``own``, edge-snapped by the caller). The
+decision, once on, holds for the rest of the image's clicks so that a session does not flip
+between two kinds of answer as the model grows surer with clicks (deciding per click lost the
+walker's gains late in a session).
 
 Everything here is numpy/scipy on the serving side: the server, the evaluator and both
 predictors use it, so what ``histosam evaluate`` measures is what a click returns.
@@ -62,7 +71,7 @@ from scipy.sparse.linalg import splu
 from histosam.backend.bundles.catalog import SERVED_PROPAGATION
 from histosam.backend.core.errors import InvalidInputError
 from histosam.backend.core.predictor import Prediction, Predictor
-from histosam.backend.core.settings import Number, SettingsFile, Whole
+from histosam.backend.core.settings import Number, SettingsFile, Text, Whole
 from histosam.backend.core.transforms import LOW_RES, ImageTransform, validate_rgb
 from histosam.backend.core.working_grid import WorkingGrid
 
@@ -71,6 +80,12 @@ MODES = ("off", "on", "auto")  # when clicks propagate (see "When" above)
 SERVED_DEFAULT = SERVED_PROPAGATION  # what a click that does not choose gets from `histosam serve`
 PIN_WEIGHT = 1e4  # pins a clicked pixel: far above any edge weight (<= 1) or prior weight
 PRIOR_FLOOR = 1e-4  # keeps the system definite where the model is undecided (p = 0.5)
+# What the walker spreads. "model": every click, with the model's probability as a weak prior
+# (gamma): the colour graph re-decides the model's edges too. "correction": only what the clicks
+# contradict (the walker solves for the change x - p, pinned to label - p at each click, prior
+# weight correction_gamma): where no click disagrees the mask stays the model's.
+SPREADS = ("model", "correction")
+AUTO_WHEN_SURE = ("correction", "own")
 
 
 @dataclass(frozen=True)
@@ -89,9 +104,16 @@ class PropagationSettings(SettingsFile):
     auto_confidence: Number = 0.05  # "auto" propagates when the first step's mean |2p - 1| is below this
     # ... or once this many correction clicks were ignored by the model (0: never for that reason)
     auto_ignored_clicks: Whole = 1
+    correction_gamma: Number = 0.01  # prior weight when only the clicks' corrections spread (see SPREADS)
+    # what "auto" answers on an image it does not spread: "correction" (the model's mask, moved only
+    # where a click contradicts it, and that correction spread) or "own" (the model's mask, edge-snapped)
+    auto_when_sure: Text = "correction"
 
     def __post_init__(self) -> None:
         self.check_positive()
+        if self.auto_when_sure not in AUTO_WHEN_SURE:
+            raise InvalidInputError(f"propagation auto_when_sure must be one of {', '.join(AUTO_WHEN_SURE)}, "
+                                    f"got {self.auto_when_sure!r}")
         if self.auto_confidence > 1:
             raise InvalidInputError(f"propagation auto_confidence is a mean |2p - 1|, at most 1, got {self.auto_confidence}")
         if self.working_side < 8:
@@ -367,18 +389,27 @@ class ImageGraph:
 
     def probability_change(
         self, low_res: np.ndarray, transform: ImageTransform, points: np.ndarray, labels: np.ndarray,
-        solver: str = "ldl",
+        solver: str = "ldl", spread: str = "model",
     ) -> tuple[np.ndarray, np.ndarray]:
         """(walker probability, model probability) on the working grid, both (hs, ws) float32."""
         s = self.settings
+        if spread not in SPREADS:
+            raise InvalidInputError(f"spread must be one of {', '.join(SPREADS)}, got {spread!r}")
         prior = _probability(self._small_logits(low_res, transform), s.temperature).astype(np.float64).ravel()
-        weight = s.gamma * np.abs(2.0 * prior - 1.0) + PRIOR_FLOOR
-        target = prior.copy()
+        gamma = s.correction_gamma if spread == "correction" else s.gamma
+        weight = gamma * np.abs(2.0 * prior - 1.0) + PRIOR_FLOOR
         pins = self._pins(points, labels).ravel()
         pinned = pins >= 0
         weight[pinned] = PIN_WEIGHT
-        target[pinned] = pins[pinned]
-        x = np.clip(self.solve(weight, weight * target, solver), 0.0, 1.0)
+        if spread == "correction":
+            # Spread only what the clicks correct: the change x - p is 0 where no click disagrees.
+            target = np.zeros_like(prior)
+            target[pinned] = pins[pinned] - prior[pinned]
+            x = np.clip(prior + self.solve(weight, weight * target, solver), 0.0, 1.0)
+        else:
+            target = prior.copy()
+            target[pinned] = pins[pinned]
+            x = np.clip(self.solve(weight, weight * target, solver), 0.0, 1.0)
         hs, ws = self.small_hw
         return x.reshape(hs, ws).astype(np.float32), prior.reshape(hs, ws).astype(np.float32)
 
@@ -390,12 +421,13 @@ class ImageGraph:
         labels: np.ndarray,
         full_logits: np.ndarray | None = None,
         solver: str = "ldl",
+        spread: str = "model",
     ) -> np.ndarray:
         """The propagated mask, (H, W) bool: model probability + upsampled walker change >= 0.5."""
         h, w = self.full_hw
         if full_logits is None:
             full_logits = transform.logits_to_original(low_res, (h, w))
-        walker, prior = self.probability_change(low_res, transform, points, labels, solver)
+        walker, prior = self.probability_change(low_res, transform, points, labels, solver, spread)
         change = cv2.resize(walker - prior, (w, h), interpolation=cv2.INTER_LINEAR)
         return (_probability(np.asarray(full_logits, np.float32), self.settings.temperature) + change) >= 0.5
 
@@ -484,9 +516,12 @@ class PropagatingPredictor:
             return own()
         points = np.asarray(points, np.float64).reshape(-1, 2)
         labels = np.asarray(labels).reshape(-1)
+        spread = "model"
         if self.mode == "auto":
             confidence = self._first_confidence(points, labels, box, p, n)
             if not auto_propagates(confidence, self._ignored_clicks(points, labels, box, p, n), self.settings):
-                return own()
-        mask = self._graph.refine(p.low_res_logits, self.transform, points, labels)
+                if self.settings.auto_when_sure == "own":
+                    return own()
+                spread = "correction"
+        mask = self._graph.refine(p.low_res_logits, self.transform, points, labels, spread=spread)
         return Prediction(mask=mask, low_res_logits=p.low_res_logits, iou=p.iou)

@@ -707,11 +707,15 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
         with self._click_slots:  # clicks of all sessions share the cores (max_concurrent_clicks)
             with session.lock:
                 result, seconds, steps = session.resolve(prompt, decode, judge, cancelled)
-            propagate = mode == "on" or (
-                mode == "auto" and self._auto_propagates(prompt, session, decode, judge, result, cancelled))
+            propagate, spread = mode == "on", "model"
+            if mode == "auto":
+                if self._auto_propagates(prompt, session, decode, judge, result, cancelled):
+                    propagate = True
+                elif self.propagation.auto_when_sure == "correction":
+                    propagate, spread = True, "correction"
             if propagate:
                 graph = self._graph(embedding, self.propagation)
-                mask = graph.refine(result.low_res, model.transform, prompt.points, prompt.labels)
+                mask = graph.refine(result.low_res, model.transform, prompt.points, prompt.labels, spread=spread)
             else:
                 mask = model.transform.mask_from_logits(result.low_res, hw)
                 if embedding.snap_lab is not None:  # kept only where this server snaps this model's edges
