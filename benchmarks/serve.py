@@ -6,8 +6,9 @@ interleaved click by click, times
 * the bare onnxruntime decoder call (the same shared session the server uses, same features,
   same points, same previous-step logits),
 * the bare inference: the decoder plus click propagation (backend/postprocess/propagation.py, the
-  random walker the server runs on the model's mask with ``--propagation``) or edge snapping
-  (backend/postprocess/edge_snap.py, ``--edge-snap``),
+  random walker the server runs on the model's mask with ``--propagation``: every click spread,
+  ``model``, or only the corrections, ``correction``, what the served ``auto`` answers on an image
+  the model is sure of) or edge snapping (backend/postprocess/edge_snap.py, ``--edge-snap``),
 * the bare inference plus the server's post-processing (logits to the image size, polygons),
 * a Click through gRPC (client stub -> loopback -> server -> decode -> polygons -> reply),
 
@@ -21,9 +22,11 @@ as added). Prints a table; ``--out FILE`` also writes the numbers as JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -43,8 +46,9 @@ def register_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opens", type=int, default=5, help="OpenImage calls with and without a cache hit")
     p.add_argument("--ort-threads", type=int, help="onnxruntime intra-op threads (default: its own choice)")
     p.add_argument("--cpu", action="store_true", help="CPU provider even when CUDA is available")
-    p.add_argument("--propagation", action="store_true",
-                   help="serve with click propagation (the random walker on the model's mask) and count it as inference")
+    p.add_argument("--propagation", nargs="?", const="model", choices=("model", "correction"),
+                   help="serve with click propagation and count it as inference: every click spread (model, the "
+                        "default) or only the corrections (correction: the served auto on an image the model is sure of)")
     p.add_argument("--propagation-config", type=Path, metavar="F",
                    help="YAML of click-propagation settings for --propagation (e.g. a smaller working_side)")
     p.add_argument("--edge-snap", choices=("model", "on", "off"), default="model",
@@ -91,6 +95,11 @@ def _stats(values_s: list[float]) -> dict[str, float]:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as stack:  # a temporary settings file, for --propagation correction
+        return _run(args, stack)
+
+
+def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     import cv2
     import grpc
     from tqdm import tqdm
@@ -114,9 +123,10 @@ def run_bench(args: argparse.Namespace) -> int:
     else:
         rgb, image_name = _default_image()
     h, w = rgb.shape[:2]
+    mode, config, spread = _propagation_mode(args, stack)
     settings = ServerSettings(port=0, bundles=(Path(bundle),), threads=4, ort_threads=args.ort_threads,
-                              prefer_gpu=not args.cpu, propagation=args.propagation,
-                              propagation_config=args.propagation_config, edge_snap=args.edge_snap,
+                              prefer_gpu=not args.cpu, propagation=mode,
+                              propagation_config=config, edge_snap=args.edge_snap,
                               edge_snap_config=args.edge_snap_config)
     rng = np.random.default_rng(args.seed)
     server = SegmentationServer(settings)
@@ -172,7 +182,7 @@ def run_bench(args: argparse.Namespace) -> int:
                     low, _ = decoder(features, hw, pts_k, labels_k, None, prev)
                     t1 = time.perf_counter()
                     if graph is not None:
-                        mask = graph.refine(low, model.transform, pts_k, labels_k)
+                        mask = graph.refine(low, model.transform, pts_k, labels_k, spread=spread)
                     else:
                         mask = model.transform.mask_from_logits(low, hw)
                         if snap is not None:
@@ -227,6 +237,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "image_size": [w, h],
         "clicks": len(bare),
         "propagation": graph is not None,
+        "propagation_spread": spread if graph is not None else None,
         "propagation_settings": dataclasses.asdict(graph.settings) if graph is not None else None,
         # Per click, (decoder + propagation) / decoder alone, paired: the cost of propagation as a ratio
         # measured within one run (issue 9's goal for per-click cost is at most 1.5x the stock decoder).
@@ -259,6 +270,28 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _propagation_mode(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[str, Path | None, str]:
+    """(server propagation mode, settings file, spread) for ``--propagation``.
+
+    "correction" is what the served "auto" answers on an image the model is sure of; the server
+    is made to answer every click that way (an auto that never finds the model unsure and never
+    switches), so the gRPC clicks and the bare ones run the same walker.
+    """
+    if args.propagation is None:
+        return "off", args.propagation_config, "model"
+    if args.propagation == "model":
+        return "on", args.propagation_config, "model"
+    from histosam.backend.core.settings import read_yaml_mapping
+    from histosam.backend.postprocess.propagation import DEFAULT_CONFIG
+
+    values = read_yaml_mapping(args.propagation_config or DEFAULT_CONFIG, "propagation config")
+    values.update(auto_confidence=1e-9, auto_ignored_clicks=0, auto_when_sure="correction")
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="histosam-bench-")))
+    config = folder / "propagation.yaml"
+    config.write_text("".join(f"{k}: {v!r}\n" if isinstance(v, str) else f"{k}: {v}\n" for k, v in values.items()))
+    return "auto", config, "correction"
+
+
 def _stats_ratio(num: list[float], den: list[float]) -> dict[str, float]:
     ratios = np.asarray(num, np.float64) / np.maximum(np.asarray(den, np.float64), 1e-9)
     return {"p50": float(np.median(ratios)), "p10": float(np.percentile(ratios, 10)),
@@ -271,7 +304,8 @@ def _print_table(r: dict[str, Any]) -> None:
     print(f"{'measure':<34}{'p50 ms':>10}{'p99 ms':>10}")
     rows = [
         ("decoder (bare onnxruntime)", r["decoder_bare"]),
-        ("inference: decoder" + (" + propagation" if r["propagation"] else " + edge snap" if r["edge_snap"] else ""),
+        ("inference: decoder" + (f" + propagation ({r['propagation_spread']})" if r["propagation"]
+                                 else " + edge snap" if r["edge_snap"] else ""),
          r["inference_bare"]),
         ("inference + mask + polygons (bare)", r["decoder_plus_postprocess"]),
         ("Click through gRPC (loopback)", r["grpc_click"]),

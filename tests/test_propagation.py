@@ -12,6 +12,7 @@ from histosam.backend.core.predictor import Prediction
 from histosam.backend.core.transforms import LOW_RES, ImageTransform
 from histosam.backend.evaluation.metrics import iou
 from histosam.backend.postprocess.propagation import (
+    CORRECTION_COLUMNS,
     DEFAULT_CONFIG,
     ImageGraph,
     PropagatingPredictor,
@@ -113,11 +114,32 @@ def test_correction_spread_keeps_the_models_answer_where_no_click_disagrees():
     assert iou(by_spread["model"], top) < iou(by_spread["correction"], top) - 0.05
     # A correction click on the missed bottom spreads over the pink part, not across its edge.
     fixed = graph.refine(low, FRAME, np.array([[20.0, 30.0], [20.0, 100.0]]), np.array([1, 1]), spread="correction")
-    assert iou(fixed, left) > iou(top, left) + 0.1 and not (fixed & ~left).any()
+    added = fixed & ~top
+    assert added[100, 20] and added.sum() > 5 * np.pi * 5**2  # far more than the clicked 5-px disk
+    assert not (fixed & ~left).any()
     with pytest.raises(InvalidInputError, match="spread must be one of"):
         graph.refine(low, FRAME, *agree, spread="both")
     with pytest.raises(InvalidInputError, match="auto_when_sure must be one of"):
         PropagationSettings(auto_when_sure="never")
+
+
+def test_correction_spread_factors_once_per_image_and_a_click_costs_one_cached_solve():
+    img, left = two_regions()
+    graph = ImageGraph.from_image(img, PropagationSettings())
+    spread = graph.correction
+    assert spread.factorisations == 1 and spread.solves == 0  # factored when the image was opened
+    low = low_res_of(np.where(left, 1.0, -1.0))
+    pts, labels = np.array([[20.0, 30.0], [180.0, 60.0], [20.0, 100.0]]), np.array([1, 0, 1])
+    masks = [graph.refine(low, FRAME, pts[:k], labels[:k], spread="correction") for k in (1, 2, 3)]
+    assert spread.solves == 3  # one new column per click; the earlier clicks' columns are reused
+    again = graph.refine(low, FRAME, pts, labels, spread="correction")
+    assert spread.solves == 3 and spread.factorisations == 1 and np.array_equal(again, masks[-1])
+    # The cache is bounded, and its bound is counted in the image's bytes up front.
+    for k in range(CORRECTION_COLUMNS + 5):
+        graph.refine(low, FRAME, np.array([[5.0 + 2.5 * (k % 70), 5.0 + 20.0 * (k // 70)]]), np.array([1]),
+                     spread="correction")
+    assert len(spread._columns) == CORRECTION_COLUMNS
+    assert graph.nbytes >= CORRECTION_COLUMNS * graph.small_hw[0] * graph.small_hw[1] * 4
 
 
 def test_box_corners_and_padding_points_are_not_clicks():

@@ -331,9 +331,11 @@ def test_the_load_bench_runs_clean_against_a_server_process(tiny_bundle, tmp_pat
 
 
 @pytest.mark.slow
-def test_the_serve_bench_measures_propagation_as_a_paired_ratio(tiny_bundle, tmp_path):
-    """`histosam bench serve --propagation --propagation-config F` on the tiny model: the walker
-    runs with the file's settings, and its cost comes out as a per-click ratio to the decoder."""
+@pytest.mark.parametrize("spread", [[], ["correction"]])
+def test_the_serve_bench_measures_propagation_as_a_paired_ratio(tiny_bundle, tmp_path, spread):
+    """`histosam bench serve --propagation [correction] --propagation-config F` on the tiny model:
+    the walker runs with the file's settings (every click spread, or only the corrections, as the
+    served auto answers a sure model), and its cost comes out as a per-click ratio to the decoder."""
     import json
 
     from histosam.backend.cli import main
@@ -342,10 +344,11 @@ def test_the_serve_bench_measures_propagation_as_a_paired_ratio(tiny_bundle, tmp
     config.write_text("working_side: 64\n")
     out = tmp_path / "serve.json"
     rc = main(["bench", "serve", "--bundle", str(tiny_bundle), "--cpu", "--ort-threads", "1", "--sequences", "2",
-               "--points", "3", "--opens", "1", "--propagation", "--propagation-config", str(config),
+               "--points", "3", "--opens", "1", "--propagation", *spread, "--propagation-config", str(config),
                "--out", str(out)])
     result = json.loads(out.read_text())
     assert rc == 0 and result["clicks"] == 6 and result["propagation"]
+    assert result["propagation_spread"] == (spread[0] if spread else "model")
     assert result["propagation_settings"]["working_side"] == 64
     ratio = result["inference_over_decoder"]
     assert ratio["p10"] <= ratio["p50"] <= ratio["p90"] and ratio["p50"] > 1.0  # the walker costs something

@@ -34,11 +34,12 @@ model's own (the working copy is 160 px on its longest side, coarser than the mo
 
 Two spreads (``SPREADS``). "model" is the above: every click spreads and the colour graph
 re-decides the model's edges as well. "correction" spreads only what the clicks contradict: the
-walker solves the same system for the change ``d = x - p``, pinned to ``label - p`` at each click
-and 0-targeted elsewhere (prior weight ``correction_gamma``), so a click the model already obeys
-changes nothing and a correction moves the mask over the region of its colour. Same matrix, same
-per-image factorisation, same cost; the first keeps tumour regions moving when the model is
-lost, the second keeps a good gland mask intact while its corrections still spread.
+walker solves for the change ``d = x - p`` alone, 0-targeted everywhere with one prior weight
+(``correction_gamma`` x ``CORRECTION_CONFIDENCE``) and with each click disk's mean pinned to
+``label - p`` (``CorrectionSpread``), so a click the model already obeys changes nothing and a
+correction moves the mask over the region of its colour. Its matrix is fixed per image, so a
+click costs a cached solve, not a factorisation. The first keeps tumour regions moving when the
+model is lost, the second keeps a good gland mask intact while its corrections still spread.
 
 When. Spreading every click is right for regions the model cannot delineate and wrong for ones
 it can, so besides "on" and "off" there is "auto": spread every click ("model") on an image when
@@ -58,6 +59,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -82,10 +84,12 @@ PIN_WEIGHT = 1e4  # pins a clicked pixel: far above any edge weight (<= 1) or pr
 PRIOR_FLOOR = 1e-4  # keeps the system definite where the model is undecided (p = 0.5)
 # What the walker spreads. "model": every click, with the model's probability as a weak prior
 # (gamma): the colour graph re-decides the model's edges too. "correction": only what the clicks
-# contradict (the walker solves for the change x - p, pinned to label - p at each click, prior
-# weight correction_gamma): where no click disagrees the mask stays the model's.
+# contradict (the walker solves for the change x - p, each click disk's mean pinned to label - p,
+# CorrectionSpread): where no click disagrees the mask stays the model's.
 SPREADS = ("model", "correction")
 AUTO_WHEN_SURE = ("correction", "own")
+CORRECTION_CONFIDENCE = 0.5  # the correction spread's prior weight is correction_gamma x this, everywhere
+CORRECTION_COLUMNS = 32  # per image: one cached column per click disk (float32, one value per working pixel)
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,7 @@ class PropagationSettings(SettingsFile):
     auto_confidence: Number = 0.05  # "auto" propagates when the first step's mean |2p - 1| is below this
     # ... or once this many correction clicks were ignored by the model (0: never for that reason)
     auto_ignored_clicks: Whole = 1
-    correction_gamma: Number = 0.01  # prior weight when only the clicks' corrections spread (see SPREADS)
+    correction_gamma: Number = 0.003  # prior weight when only the clicks' corrections spread (see SPREADS)
     # what "auto" answers on an image it does not spread: "correction" (the model's mask, moved only
     # where a click contradicts it, and that correction spread) or "own" (the model's mask, edge-snapped)
     auto_when_sure: Text = "correction"
@@ -294,6 +298,79 @@ class LdlFactor:
             return np.asarray(self._solver.solve(np.ascontiguousarray(rhs, np.float64)))
 
 
+class CorrectionSpread:
+    """The "correction" spread on one image: ``d = sum_j lam_j (L + c I)^-1 1_{D_j}``, with the
+    multipliers chosen so that the mean of ``d`` over each click disk ``D_j`` is that click's
+    ``label - p`` (least squares when disks overlap).
+
+    Why this form. Its matrix depends neither on the clicks nor on the model (``c`` =
+    ``correction_gamma`` x ``CORRECTION_CONFIDENCE`` + ``PRIOR_FLOOR``, one prior weight for every
+    pixel), so it is factored once per image (at OpenImage with the graph); a click adds one column
+    (a triangular solve pair, cached by disk), and the answer is a k x k system over the k clicks
+    and a weighted sum of their columns: milliseconds where refactoring costs tens (model card,
+    "Spreading only the corrections").
+    """
+
+    def __init__(self, laplacian: sp.csc_matrix, weight: float) -> None:
+        n = laplacian.shape[0]
+        self._upper = sp.triu(laplacian + sp.identity(n, format="csc") * float(weight), format="csc")
+        self._n = n
+        self._solver: qdldl.Solver | None = None
+        self._factor_bytes = 0
+        self._columns: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self.factorisations = 0  # counted, so tests can see the per-image work is not redone per click
+        self.solves = 0
+
+    def analyse(self) -> CorrectionSpread:
+        with self._lock:
+            self._ensure_factor()
+        return self
+
+    def _ensure_factor(self) -> qdldl.Solver:
+        """The factorisation, made on first need (call with the lock held)."""
+        if self._solver is None:
+            self._solver = qdldl.Solver(self._upper, upper=True)
+            self.factorisations += 1
+            self._factor_bytes = int(16 * self._solver.factors()[0].nnz + 48 * self._n)
+        return self._solver
+
+    @property
+    def nbytes(self) -> int:
+        """Matrix, factor, and the column cache at its bound (a memory budget counts it up front)."""
+        m = self._upper
+        factor = self._factor_bytes or int(16 * 25 * self._n)  # before the factor exists: its typical size
+        return int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes + factor + CORRECTION_COLUMNS * self._n * 4)
+
+    def _column(self, disk: np.ndarray) -> np.ndarray:
+        key = np.asarray(disk, np.int64).tobytes()
+        with self._lock:
+            column = self._columns.get(key)
+            if column is not None:
+                self._columns.move_to_end(key)
+                return column
+            load = np.zeros(self._n)
+            load[disk] = 1.0
+            column = np.asarray(self._ensure_factor().solve(load), np.float32)
+            self.solves += 1
+            self._columns[key] = column
+            while len(self._columns) > CORRECTION_COLUMNS:
+                self._columns.popitem(last=False)
+            return column
+
+    def change(self, disks: list[np.ndarray], targets: np.ndarray) -> np.ndarray:
+        """``d`` (n,) float64 whose mean over ``disks[j]`` is ``targets[j]``."""
+        d = np.zeros(self._n)
+        if not disks:
+            return d
+        columns = [self._column(disk) for disk in disks]
+        gram = np.array([[float(c[disk].mean()) for c in columns] for disk in disks])
+        lam = np.linalg.lstsq(gram, np.asarray(targets, np.float64), rcond=1e-10)[0]
+        for weight, column in zip(lam, columns, strict=True):
+            d += float(weight) * column
+        return d
+
+
 @dataclass(frozen=True)
 class ImageGraph:
     """The per-image half of the work, done once when an image is opened.
@@ -309,6 +386,7 @@ class ImageGraph:
     full_hw: tuple[int, int]
     settings: PropagationSettings
     factor: LdlFactor = field(compare=False, repr=False)
+    correction: CorrectionSpread = field(compare=False, repr=False)
 
     @staticmethod
     def working_image(image: np.ndarray, settings: PropagationSettings) -> np.ndarray:
@@ -335,9 +413,11 @@ class ImageGraph:
         natural = _laplacian(lab, settings.beta)
         laplacian = natural[order][:, order].tocsc()
         factor = LdlFactor(natural)
+        correction = CorrectionSpread(natural, settings.correction_gamma * CORRECTION_CONFIDENCE + PRIOR_FLOOR)
         if analyse:
             factor.analyse()
-        return cls(laplacian, order, (hs, ws), (int(full_hw[0]), int(full_hw[1])), settings, factor)
+            correction.analyse()
+        return cls(laplacian, order, (hs, ws), (int(full_hw[0]), int(full_hw[1])), settings, factor, correction)
 
     @classmethod
     def from_image(cls, image: np.ndarray, settings: PropagationSettings) -> ImageGraph:
@@ -347,7 +427,8 @@ class ImageGraph:
     @property
     def nbytes(self) -> int:
         m = self.laplacian
-        return int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes + self.order.nbytes + self.factor.nbytes)
+        return int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes + self.order.nbytes + self.factor.nbytes
+                   + self.correction.nbytes)
 
     def _small_logits(self, low_res: np.ndarray, transform: ImageTransform) -> np.ndarray:
         """The model's (256, 256) letterboxed logits resampled onto the working grid."""
@@ -368,6 +449,21 @@ class ImageGraph:
                 continue  # box corners and padding points are not clicks
             cv2.circle(pins, grid.pixel(x, y), radius, int(label), -1)
         return pins
+
+    def _disks(self, points: np.ndarray, labels: np.ndarray) -> tuple[list[np.ndarray], list[int]]:
+        """Each click's pinned disk (flat working-pixel indices) and label, in click order."""
+        grid = WorkingGrid(self.full_hw, self.small_hw)
+        radius = grid.radius(self.settings.click_radius)
+        disks, kept = [], []
+        for (x, y), label in zip(np.asarray(points, np.float64).reshape(-1, 2), np.asarray(labels).reshape(-1),
+                                 strict=True):
+            if label not in (0, 1) or not (math.isfinite(x) and math.isfinite(y)):
+                continue  # box corners and padding points are not clicks
+            disk = np.zeros(self.small_hw, np.uint8)
+            cv2.circle(disk, grid.pixel(x, y), radius, 1, -1)
+            disks.append(np.flatnonzero(disk))
+            kept.append(int(label))
+        return disks, kept
 
     def solve(self, weight: np.ndarray, rhs: np.ndarray, solver: str = "ldl") -> np.ndarray:
         """``(L + diag(weight))^-1 rhs`` in natural pixel order.
@@ -396,21 +492,20 @@ class ImageGraph:
         if spread not in SPREADS:
             raise InvalidInputError(f"spread must be one of {', '.join(SPREADS)}, got {spread!r}")
         prior = _probability(self._small_logits(low_res, transform), s.temperature).astype(np.float64).ravel()
-        gamma = s.correction_gamma if spread == "correction" else s.gamma
-        weight = gamma * np.abs(2.0 * prior - 1.0) + PRIOR_FLOOR
+        hs, ws = self.small_hw
+        if spread == "correction":
+            # Spread only what the clicks correct: the change x - p is 0 where no click disagrees.
+            disks, kept = self._disks(points, labels)
+            targets = np.array([label - prior[disk].mean() for disk, label in zip(disks, kept, strict=True)])
+            x = np.clip(prior + self.correction.change(disks, targets), 0.0, 1.0)
+            return x.reshape(hs, ws).astype(np.float32), prior.reshape(hs, ws).astype(np.float32)
+        weight = s.gamma * np.abs(2.0 * prior - 1.0) + PRIOR_FLOOR
+        target = prior.copy()
         pins = self._pins(points, labels).ravel()
         pinned = pins >= 0
         weight[pinned] = PIN_WEIGHT
-        if spread == "correction":
-            # Spread only what the clicks correct: the change x - p is 0 where no click disagrees.
-            target = np.zeros_like(prior)
-            target[pinned] = pins[pinned] - prior[pinned]
-            x = np.clip(prior + self.solve(weight, weight * target, solver), 0.0, 1.0)
-        else:
-            target = prior.copy()
-            target[pinned] = pins[pinned]
-            x = np.clip(self.solve(weight, weight * target, solver), 0.0, 1.0)
-        hs, ws = self.small_hw
+        target[pinned] = pins[pinned]
+        x = np.clip(self.solve(weight, weight * target, solver), 0.0, 1.0)
         return x.reshape(hs, ws).astype(np.float32), prior.reshape(hs, ws).astype(np.float32)
 
     def refine(
