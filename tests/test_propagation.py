@@ -139,6 +139,13 @@ def test_correction_spread_factors_once_per_image_and_a_click_costs_one_cached_s
         graph.refine(low, FRAME, np.array([[5.0 + 2.5 * (k % 70), 5.0 + 20.0 * (k // 70)]]), np.array([1]),
                      spread="correction")
     assert len(spread._columns) == CORRECTION_COLUMNS
+    # A prompt with more clicks than the cache holds re-solves only the clicks it could not keep.
+    many = np.array([[5.0 + 5.0 * (k % 38), 110.0 - 10.0 * (k // 38)] for k in range(CORRECTION_COLUMNS + 4)])
+    ones = np.ones(len(many), int)
+    graph.refine(low, FRAME, many, ones, spread="correction")
+    before = spread.solves
+    graph.refine(low, FRAME, many, ones, spread="correction")
+    assert spread.solves - before == 4
     assert graph.nbytes >= CORRECTION_COLUMNS * graph.small_hw[0] * graph.small_hw[1] * 4
 
 

@@ -342,28 +342,37 @@ class CorrectionSpread:
         factor = self._factor_bytes or int(16 * 25 * self._n)  # before the factor exists: its typical size
         return int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes + factor + CORRECTION_COLUMNS * self._n * 4)
 
-    def _column(self, disk: np.ndarray) -> np.ndarray:
-        key = np.asarray(disk, np.int64).tobytes()
+    def _columns_for(self, disks: list[np.ndarray]) -> list[np.ndarray]:
+        """One column per disk: cached ones first (marked used), then the missing ones solved.
+
+        Marking every cached one used before solving any means that a prompt with more clicks than
+        the cache holds re-solves only its oldest ones, not all of them (a scan in click order
+        through a smaller LRU would miss every time).
+        """
+        keys = [np.asarray(disk, np.int64).tobytes() for disk in disks]
         with self._lock:
-            column = self._columns.get(key)
-            if column is not None:
-                self._columns.move_to_end(key)
-                return column
-            load = np.zeros(self._n)
-            load[disk] = 1.0
-            column = np.asarray(self._ensure_factor().solve(load), np.float32)
-            self.solves += 1
-            self._columns[key] = column
-            while len(self._columns) > CORRECTION_COLUMNS:
-                self._columns.popitem(last=False)
-            return column
+            found = [self._columns.get(key) for key in keys]
+            for key, column in zip(keys, found, strict=True):
+                if column is not None:
+                    self._columns.move_to_end(key)
+            for i, (key, disk) in enumerate(zip(keys, disks, strict=True)):
+                if found[i] is not None:
+                    continue
+                load = np.zeros(self._n)
+                load[disk] = 1.0
+                found[i] = np.asarray(self._ensure_factor().solve(load), np.float32)
+                self.solves += 1
+                self._columns[key] = found[i]
+                while len(self._columns) > CORRECTION_COLUMNS:
+                    self._columns.popitem(last=False)
+        return [c for c in found if c is not None]
 
     def change(self, disks: list[np.ndarray], targets: np.ndarray) -> np.ndarray:
         """``d`` (n,) float64 whose mean over ``disks[j]`` is ``targets[j]``."""
         d = np.zeros(self._n)
         if not disks:
             return d
-        columns = [self._column(disk) for disk in disks]
+        columns = self._columns_for(disks)
         gram = np.array([[float(c[disk].mean()) for c in columns] for disk in disks])
         lam = np.linalg.lstsq(gram, np.asarray(targets, np.float64), rcond=1e-10)[0]
         for weight, column in zip(lam, columns, strict=True):
@@ -440,15 +449,10 @@ class ImageGraph:
 
     def _pins(self, points: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """(hs, ws) int8: 1 / 0 on positive / negative click disks, -1 elsewhere (later wins)."""
-        grid = WorkingGrid(self.full_hw, self.small_hw)
-        pins = np.full(self.small_hw, -1, np.int8)
-        radius = grid.radius(self.settings.click_radius)
-        for (x, y), label in zip(np.asarray(points, np.float64).reshape(-1, 2), np.asarray(labels).reshape(-1),
-                                 strict=True):
-            if label not in (0, 1) or not (math.isfinite(x) and math.isfinite(y)):
-                continue  # box corners and padding points are not clicks
-            cv2.circle(pins, grid.pixel(x, y), radius, int(label), -1)
-        return pins
+        pins = np.full(self.small_hw[0] * self.small_hw[1], -1, np.int8)
+        for disk, label in zip(*self._disks(points, labels), strict=True):
+            pins[disk] = label
+        return pins.reshape(self.small_hw)
 
     def _disks(self, points: np.ndarray, labels: np.ndarray) -> tuple[list[np.ndarray], list[int]]:
         """Each click's pinned disk (flat working-pixel indices) and label, in click order."""
