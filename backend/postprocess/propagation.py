@@ -360,9 +360,9 @@ class CorrectionSpread:
                     continue
                 load = np.zeros(self._n)
                 load[disk] = 1.0
-                found[i] = np.asarray(self._ensure_factor().solve(load), np.float32)
+                column = np.asarray(self._ensure_factor().solve(load), np.float32)
                 self.solves += 1
-                self._columns[key] = found[i]
+                found[i] = self._columns[key] = column
                 while len(self._columns) > CORRECTION_COLUMNS:
                     self._columns.popitem(last=False)
         return [c for c in found if c is not None]
