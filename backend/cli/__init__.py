@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "histosam.backend.cli.commands.serve",
     "histosam.backend.cli.commands.client",
     "histosam.backend.cli.commands.evaluate",
+    "histosam.backend.cli.commands.compare",
     "histosam.backend.cli.commands.patches",
     "histosam.backend.cli.commands.bench",
     "histosam.backend.cli.commands.export",

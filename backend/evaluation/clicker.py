@@ -48,8 +48,8 @@ class Click:
         return 1 if self.positive else 0
 
 
-def padded_distance(region: np.ndarray) -> np.ndarray:
-    """Exact Euclidean distance of each region pixel to the nearest non-region pixel.
+def squared_padded_distance(region: np.ndarray) -> np.ndarray:
+    """Squared exact Euclidean distance of each region pixel to the nearest non-region pixel.
 
     The region is padded with a one-pixel zero border before the transform and the border is
     cropped afterwards, so the image edge counts as outside: a region touching the edge is
@@ -57,13 +57,22 @@ def padded_distance(region: np.ndarray) -> np.ndarray:
     not count and clicks would drift onto the image border.
 
     OpenCV's exact transform (``DIST_MASK_PRECISE``, as RITM computes it) returns float32;
-    every squared distance is a whole number, so rounding the square recovers it and the
-    float64 square root is the value scipy's ``distance_transform_edt`` gives, bit for bit:
-    ties and maxima (hence clicks) stay exactly where they were.
+    every squared distance is a whole number, so rounding the square recovers it exactly
+    (float64). The clicker compares and ranks these squares: the square root is strictly
+    increasing, so the maxima, their order and every tie are the distances' own, and the root
+    (half the clicker's time on a 640-px patch) is never taken per click.
     """
     padded = np.pad(np.asarray(region, bool).view(np.uint8), 1, mode="constant", constant_values=0)
     dist = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
-    return np.sqrt(np.rint(np.square(dist, dtype=np.float64)))
+    return np.rint(np.square(dist, dtype=np.float64))
+
+
+def padded_distance(region: np.ndarray) -> np.ndarray:
+    """Exact Euclidean distance of each region pixel to the nearest non-region pixel, the image
+    edge counting as outside (``squared_padded_distance``): the value scipy's
+    ``distance_transform_edt`` gives, bit for bit.
+    """
+    return np.sqrt(squared_padded_distance(region))
 
 
 def _check_pair(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -82,7 +91,8 @@ def next_click(
     """The RITM evaluation click for prediction ``pred`` against ground truth ``gt``.
 
     1. ``fn = gt & ~pred``, ``fp = ~gt & pred``;
-    2. exact EDT of each, with a one-pixel zero padding (``padded_distance``);
+    2. exact EDT of each, with a one-pixel zero padding (``padded_distance``; compared as
+       squares, ``squared_padded_distance``, which ranks the same);
     3. both maps multiplied by the not-yet-clicked map (``~clicked``): a pixel is never
        chosen twice;
     4. positive if ``max(dt_fn) > max(dt_fp)`` (strict: a tie gives a negative click);
@@ -93,8 +103,8 @@ def next_click(
     clicked so far (not modified here).
     """
     gt, pred = _check_pair(gt, pred)
-    dt_fn = padded_distance(gt & ~pred)
-    dt_fp = padded_distance(~gt & pred)
+    dt_fn = squared_padded_distance(gt & ~pred)
+    dt_fp = squared_padded_distance(~gt & pred)
     if clicked is not None:
         clicked = np.asarray(clicked, bool)
         if clicked.shape != gt.shape:
