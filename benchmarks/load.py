@@ -166,10 +166,15 @@ def click_like_the_evaluator(target: str, rgb: np.ndarray, gt: np.ndarray, click
 # --------------------------------------------------------------------------- server process
 
 
-def run_clients(target: str, pairs, clicks: int, max_points: int, desc: str) -> tuple[list[ClientLog], float, float]:
+def run_clients(target: str, pairs, clicks: int, max_points: int, desc: str,
+                cpu_marks: dict[str, float] | None = None, server: ServerProcess | None = None
+                ) -> tuple[list[ClientLog], float, float]:
     """One honest client thread per (name, rgb, gt) pair, clicking together once all have opened.
 
     Returns the clients' logs and the click phase's start and end (``time.perf_counter``).
+    ``cpu_marks``, when given, gets the CPU seconds used during the click phase alone (the opens'
+    encodes excluded): ``clients`` by this process (the simulated users) and, with ``server``,
+    ``server`` by the server process.
     """
     from tqdm import tqdm
 
@@ -183,9 +188,15 @@ def run_clients(target: str, pairs, clicks: int, max_points: int, desc: str) -> 
             t.start()
         start.wait()
         t0 = time.perf_counter()
+        clients0, server0 = time.process_time(), server.cpu_seconds() if server is not None else 0.0
         for t in threads:
             t.join()
-        return logs, t0, time.perf_counter()
+        t1 = time.perf_counter()
+        if cpu_marks is not None:
+            cpu_marks["clients"] = time.process_time() - clients0
+            if server is not None:
+                cpu_marks["server"] = server.cpu_seconds() - server0
+        return logs, t0, t1
 
 
 class ServerProcess:
@@ -219,6 +230,15 @@ class ServerProcess:
             return 0
         match = re.search(rf"^{field_name}:\s+(\d+) kB", text, re.M)
         return int(match.group(1)) if match else 0
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far, all its threads (/proc/PID/stat)."""
+        try:
+            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        except OSError:
+            return 0.0
+        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": field 3 onwards
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def start_sampling(self, every: float = 0.05) -> None:
         def sample() -> None:
@@ -289,7 +309,9 @@ def run_bench(args: argparse.Namespace) -> int:
             info = probe.info()
         rss_ready = server.status_kib("VmRSS") * 1024
         server.start_sampling()
-        logs, t_start, t_end = run_clients(target, pairs, args.clicks, int(info.limits.max_points), "clicks")
+        cpu: dict[str, float] = {}
+        logs, t_start, t_end = run_clients(target, pairs, args.clicks, int(info.limits.max_points), "clicks",
+                                           cpu_marks=cpu, server=server)
         with SegmentationClient(target, timeout=60) as probe:
             after = probe.info()
         peak_rss = server.status_kib("VmHWM") * 1024
@@ -313,6 +335,10 @@ def run_bench(args: argparse.Namespace) -> int:
         "click_phase_seconds": wall,
         "clicks_per_second": len(latencies) / wall if wall > 0 else 0.0,
         "click_latency": _percentiles(latencies),
+        # CPU per click in the click phase: what the server spends, and what the simulated users in
+        # this process spend placing clicks (on the same cores: it is CPU the server does not get).
+        "server_cpu_ms_per_click": 1e3 * cpu.get("server", 0.0) / len(latencies) if latencies else None,
+        "client_cpu_ms_per_click": 1e3 * cpu.get("clients", 0.0) / len(latencies) if latencies else None,
         "open_latency": _percentiles([log.open_seconds for log in logs if log.open_seconds]),
         "errors": len(errors),
         "error_messages": errors[:20],
@@ -358,17 +384,25 @@ def run_sweep(args: argparse.Namespace) -> int:
     summary = [{"clients": r["clients"], "clicks_per_second": r["clicks_per_second"],
                 "p50_ms": r["click_latency"]["p50_ms"], "p99_ms": r["click_latency"]["p99_ms"],
                 "p50_over_first": r["click_latency"]["p50_ms"] / base if base else None,
+                "server_cpu_ms_per_click": r["server_cpu_ms_per_click"],
+                "client_cpu_ms_per_click": r["client_cpu_ms_per_click"],
                 "errors": r["errors"]} for r in runs]
     _write_json(args.out, {"bench": "load-sweep", "clicks_per_client": args.clicks, "cpu_count": os.cpu_count(),
                            "summary": summary, "runs": runs})
     print(f"load sweep ({args.clicks} clicks per client, {os.cpu_count()} CPUs):")
-    print(f"{'clients':>8}{'clicks/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'p50 / first':>13}{'errors':>8}")
+    print(f"{'clients':>8}{'clicks/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'p50 / first':>13}{'errors':>8}"
+          f"{'server CPU ms/click':>21}{'clients CPU ms/click':>22}")
     for row in summary:
         ratio = row["p50_over_first"]
         print(f"{row['clients']:>8}{row['clicks_per_second']:>10.2f}{row['p50_ms']:>10.1f}{row['p99_ms']:>10.1f}"
-              f"{(f'{ratio:.2f}x' if ratio is not None else '-'):>13}{row['errors']:>8}")
+              f"{(f'{ratio:.2f}x' if ratio is not None else '-'):>13}{row['errors']:>8}"
+              f"{_ms_or_dash(row['server_cpu_ms_per_click']):>21}{_ms_or_dash(row['client_cpu_ms_per_click']):>22}")
     print(f"  wrote {args.out}")
     return status
+
+
+def _ms_or_dash(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def _write_json(path: Path, result: dict[str, Any]) -> None:
@@ -408,6 +442,8 @@ def _print_summary(r: dict[str, Any], out: Path, plot: Path) -> None:
     print(f"  clicks/s        {r['clicks_per_second']:.2f}  ({r['clicks']} clicks in {r['click_phase_seconds']:.1f} s)")
     print(f"  click latency   p50 {lat['p50_ms']:.1f} ms   p99 {lat['p99_ms']:.1f} ms   max {lat['max_ms']:.1f} ms")
     print(f"  errors          {r['errors']}   re-opens {r['reopens']}   sequence restarts {r['sequence_restarts']}")
+    print(f"  CPU per click   server {_ms_or_dash(r['server_cpu_ms_per_click'])} ms   simulated users (this process, "
+          f"same cores) {_ms_or_dash(r['client_cpu_ms_per_click'])} ms")
     print(f"  server RSS      ready {r['server_rss_ready_bytes'] / mib:.0f} MiB   peak {r['server_peak_rss_bytes'] / mib:.0f} MiB")
     print(f"  embedding cache {r['server_cache_used_bytes'] / mib:.1f} / {r['server_cache_budget_bytes'] / mib:.0f} MiB "
           f"({r['server_cache_entries']} entries, {r['server_open_sessions']} sessions)")

@@ -296,6 +296,8 @@ def test_cli_end_to_end_with_a_baseline_on_real_patches(data_dir, tmp_path, caps
     assert set(run["spc"]) == {"amortised", "decoder"} and run["spc"]["amortised"] > 0
     assert set(run["miou_per_click"]) == {"1", "2", "3"}
     assert set(run["obedience"]) == {"positive", "negative"}
+    made = sum(len(s["ious"]) - 1 for s in run["samples"])
+    assert run["setbacks"]["clicks"] == made and 0 <= run["setbacks"]["count"] <= made
     assert run["n"] == 2 and run["n_total"] == 10 and 2 <= run["n_kept"] < 10
     assert run["encoder_ms"] >= 0
     for s in run["samples"]:
@@ -303,6 +305,7 @@ def test_cli_end_to_end_with_a_baseline_on_real_patches(data_dir, tmp_path, caps
         assert all(0.0 <= v <= 1.0 for v in s["ious"])
     table = (out / "table.md").read_text()
     assert "| grabcut |" in table and "NoC@90" in table
+    assert f"- grabcut: {run['setbacks']['count']} of {made} clicks" in table
     assert "| mIoU@1 | mIoU@3 |" in table  # the last click gets a column even off the 1/5/10/20 grid
     assert (out / "miou_per_click.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in out.iterdir()) == ["miou_per_click.png", "results.json", "table.md"]

@@ -13,6 +13,7 @@ from histosam.backend.evaluation.metrics import (
     nof,
     obedience,
     padded_curve,
+    setbacks,
     threshold_key,
 )
 
@@ -62,6 +63,15 @@ def test_obedience_splits_positive_and_negative_clicks():
     out = obedience([True, False, True, True], [True, True, False, False])
     assert out == {"positive": 0.5, "negative": 1.0}
     assert obedience([True], [True]) == {"positive": 1.0, "negative": None}
+
+
+def test_setbacks_count_clicks_that_lose_more_than_a_tenth_of_iou():
+    # 0.8 -> 0.65 (-0.15) is a setback, 0.65 -> 0.6 (-0.05) and 0.7 -> 0.61 (-0.09) are not; the first
+    # click of each curve has nothing before it, and a stopped curve is not padded.
+    out = setbacks([[0.5, 0.8, 0.65, 0.6, 0.7, 0.61], [0.9], [0.4, 0.2, 0.95]])
+    assert out == {"drop": 0.1, "clicks": 7, "count": 2, "share": 2 / 7}
+    assert setbacks([[0.3]])["share"] is None
+    assert setbacks([[0.8, 0.75]], drop=0.02)["count"] == 1
 
 
 def test_threshold_keys():

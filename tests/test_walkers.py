@@ -239,6 +239,9 @@ def test_the_load_bench_sweeps_client_counts(tiny_bundle, tmp_path, capsys):
     for row, run in zip(result["summary"], result["runs"], strict=True):
         assert row["errors"] == 0 and run["clicks"] == 3 * row["clients"]
         assert row["clicks_per_second"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
+        # The click phase's CPU, counted on both sides: the server decodes every click, and the
+        # simulated users place them (a distance transform per click) on the same machine.
+        assert row["server_cpu_ms_per_click"] > 0 and row["client_cpu_ms_per_click"] > 0, row
     assert result["summary"][0]["p50_over_first"] == 1.0
     assert (tmp_path / "sweep-2clients.json").is_file() and (tmp_path / "sweep-2clients.png").is_file()
     capsys.readouterr()

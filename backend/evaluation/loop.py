@@ -42,6 +42,7 @@ from histosam.backend.evaluation.metrics import (
     noc,
     nof,
     obedience,
+    setbacks,
     threshold_key,
 )
 from histosam.backend.evaluation.splits import DatasetSplit, check_part, in_part, load_splits
@@ -367,6 +368,7 @@ def aggregate(results: Sequence[SampleResult], config: EvalConfig) -> dict[str, 
         "miou_curve": [float(v) for v in curve],
         "refinement": _refinement(curve),
         "obedience": obedience(obeyed, positive),
+        "setbacks": setbacks([r.ious for r in results]),
     }
 
 

@@ -27,6 +27,7 @@ NOC_THRESHOLDS: tuple[float, ...] = (0.80, 0.85, 0.90)
 NOF_THRESHOLDS: tuple[float, ...] = (0.85, 0.90)
 MIOU_CLICKS: tuple[int, ...] = (1, 2, 3, 5, 10, 20)
 REFINEMENT_SPAN: tuple[int, int] = (1, 10)  # the clicks "error closed" is reported between
+SETBACK_IOU = 0.10  # a click after which the mask's IoU fell by more than this is a setback
 
 
 def threshold_key(threshold: float) -> str:
@@ -105,3 +106,21 @@ def obedience(obeyed: Sequence[bool], positive: Sequence[bool]) -> dict[str, flo
     for key, sel in (("positive", pos), ("negative", ~pos)):
         out[key] = float(ok[sel].mean()) if sel.any() else None
     return out
+
+
+def setbacks(curves: Sequence[Sequence[float]], drop: float = SETBACK_IOU) -> dict[str, float | int | None]:
+    """Clicks that made the mask clearly worse: IoU fell by more than ``drop`` since the click before.
+
+    Why. NoC and mIoU average over images and clicks; a user also sees each click's answer, and a
+    correction that throws away a tenth of a good mask is one they must undo. Counted over the
+    clicks actually made after the first (stopped curves are not padded), so a run that reaches
+    its target early is not credited with clicks it never made. ``share`` is None without any
+    second click.
+    """
+    made = 0
+    worse = 0
+    for curve in curves:
+        arr = np.asarray(curve, np.float64)
+        made += max(0, len(arr) - 1)
+        worse += int(np.count_nonzero(arr[1:] < arr[:-1] - drop))
+    return {"drop": drop, "clicks": made, "count": worse, "share": worse / made if made else None}

@@ -131,6 +131,14 @@ def render_table(results: dict[str, Any]) -> str:
     ]
     lines += ["", "## Click obedience (fraction of clicks whose pixel got the clicked label)", ""]
     lines += obey
+    setback_lines = [
+        f"- {k}: {r['setbacks']['count']} of {r['setbacks']['clicks']} clicks ({_fmt(r['setbacks']['share'], 3)})"
+        for k, r in runs.items() if r.get("setbacks")
+    ]
+    if setback_lines:
+        drop = next(r["setbacks"]["drop"] for r in runs.values() if r.get("setbacks"))
+        lines += ["", f"## Setbacks (clicks after the first whose answer lost more than {drop:g} IoU)", ""]
+        lines += setback_lines
     if results.get("parity"):
         lines += _parity_lines(results["parity"])
     return "\n".join(lines) + "\n"
