@@ -67,6 +67,15 @@ def test_bootstrap_interval_is_reproducible_and_covers_the_mean():
     assert bootstrap_interval(np.full(7, 3.0)) == (3.0, 3.0)
 
 
+def test_bootstrap_memory_is_bounded_by_chunks_with_the_same_interval(monkeypatch):
+    from histosam.backend.evaluation import compare
+
+    values = np.random.default_rng(3).normal(size=40)
+    whole = bootstrap_interval(values, draws=2000)
+    monkeypatch.setattr(compare, "BOOTSTRAP_CHUNK", 100)  # 2 resamples of 40 images per chunk
+    assert bootstrap_interval(values, draws=2000) == whole
+
+
 def write_results(path, runs: dict[str, list[dict]], max_clicks: int = 20) -> None:
     path.mkdir(parents=True)
     (path / "results.json").write_text(json.dumps(

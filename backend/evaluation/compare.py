@@ -22,12 +22,13 @@ import numpy as np
 
 from histosam.backend.core.errors import InvalidInputError
 from histosam.backend.evaluation.metrics import NOC_THRESHOLDS, noc, padded_curve, threshold_key
+from histosam.backend.evaluation.report import TABLE_MIOU_CLICKS
 
 BOOTSTRAP_DRAWS = 10_000
 # Fewer paired images than this and a bootstrap interval says more about the resampling than about
 # the images (two images give three possible means): the interval is shown, never called settled.
 MIN_SETTLED_IMAGES = 5
-COMPARED_MIOU_CLICKS = (1, 5, 10, 20)
+BOOTSTRAP_CHUNK = 1_000_000  # resampled values held at once, whatever the draws and images (8 MB)
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,9 @@ def bootstrap_interval(values: np.ndarray, draws: int = BOOTSTRAP_DRAWS, seed: i
     if len(values) == 0:
         raise InvalidInputError("no values to bootstrap")
     rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (draws, len(values)))].mean(axis=1)
+    rows = max(1, BOOTSTRAP_CHUNK // len(values))  # resamples per chunk, so memory stays bounded
+    means = np.concatenate([values[rng.integers(0, len(values), (min(rows, draws - start), len(values)))].mean(axis=1)
+                            for start in range(0, draws, rows)])
     low, high = np.percentile(means, [2.5, 97.5])
     return float(low), float(high)
 
@@ -110,7 +113,7 @@ def compare_pairs(group: str, pairs: Sequence[tuple[str, Mapping[str, Any], Mapp
         out.append(_difference(f"NoC@{threshold_key(t)}", keys, na, nb, draws, seed))
     ca = np.stack([padded_curve(sa["ious"], max_clicks) for _, sa, _ in pairs])
     cb = np.stack([padded_curve(sb["ious"], max_clicks) for _, _, sb in pairs])
-    for k in COMPARED_MIOU_CLICKS:
+    for k in TABLE_MIOU_CLICKS:
         if k <= max_clicks:
             out.append(_difference(f"mIoU@{k}", keys, ca[:, k - 1], cb[:, k - 1], draws, seed))
     return GroupComparison(group, len(pairs), tuple(out))
@@ -129,8 +132,8 @@ def compare_runs(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]],
         if unknown:
             raise InvalidInputError(f"group {name!r} names datasets the runs do not share: {', '.join(unknown)} "
                                     f"(shared: {', '.join(datasets)})")
-        result.append(compare_pairs(name, [p for p in pairs if p[1]["dataset"] in set(members)], max_clicks, draws,
-                                    seed))
+        wanted = set(members)
+        result.append(compare_pairs(name, [p for p in pairs if p[1]["dataset"] in wanted], max_clicks, draws, seed))
     if len(datasets) > 1:
         result.append(compare_pairs("all", pairs, max_clicks, draws, seed))
     return result

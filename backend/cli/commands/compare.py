@@ -94,15 +94,13 @@ def parse_groups(specs: list[str]) -> dict[str, list[str]]:
 
 def plot_noc85(comparisons, label_a: str, label_b: str, path: Path) -> None:
     """One row per group: NoC@85 difference A - B and its interval (left of 0: A needs fewer clicks)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the caller's backend stays as it was
 
     from histosam.backend.core.atomic import atomic_write
 
     rows = [(g.group, g.n, next(d for d in g.differences if d.metric == "NoC@85")) for g in comparisons]
-    fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.6))
+    fig = Figure(figsize=(7, 0.5 * len(rows) + 1.6))
+    ax = fig.add_subplot()
     for i, (_, _, d) in enumerate(rows):
         ax.plot([d.low, d.high], [i, i], color="tab:blue" if d.settled else "grey", lw=2)
         ax.plot([d.mean], [i], "o", color="black")
@@ -112,10 +110,7 @@ def plot_noc85(comparisons, label_a: str, label_b: str, path: Path) -> None:
     ax.set_xlabel("NoC@85 difference A - B (clicks; < 0: A better), 95 % paired bootstrap")
     ax.set_title(f"A = {label_a}\nB = {label_b}", fontsize=8)
     fig.tight_layout()
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def run(args: argparse.Namespace) -> int:
